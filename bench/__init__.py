@@ -1,0 +1,1 @@
+"""Benchmarks: one script per question, JSON results under bench/results/."""

@@ -1,0 +1,139 @@
+"""`nestvec` command line: ingest, search, eval, info, list, drop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from nestvec.client import connect
+from nestvec.client.local import DEFAULT_CODEC, LocalClient
+from nestvec.errors import NestvecError, NotFoundError, invalid
+
+
+def _client(args: argparse.Namespace) -> LocalClient:
+    return connect(args.data)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from nestvec.datasets import iter_corpus
+    from nestvec.encoders import load_encoder
+    from nestvec.jobs.ingest import ingest_documents
+
+    documents = list(iter_corpus(args.path))  # parse everything first: a bad line writes nothing
+    if args.limit:
+        documents = documents[: args.limit]
+    client = _client(args)
+    encoder = load_encoder(args.encoder, args.precision)
+    try:
+        collection = client.get_collection(args.collection, encoder=encoder)
+        if args.codec and args.codec != collection.codec.spec:
+            raise invalid("codec", f"collection {args.collection!r} already uses {collection.codec.spec!r}")
+    except NotFoundError:
+        collection = client.create_collection(args.collection, encoder=encoder, codec=args.codec or DEFAULT_CODEC)
+    summary = ingest_documents(collection, documents, batch_size=args.batch_size)
+    print(json.dumps({"collection": args.collection, "count": collection.count(), **asdict(summary)}))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    collection = _client(args).get_collection(args.collection)
+    filt = json.loads(args.filter) if args.filter else None
+    for rank, hit in enumerate(collection.search(args.query, k=args.k, filter=filt), start=1):
+        text = textwrap.shorten(hit.text or "", width=args.width, placeholder=" ...")
+        print(f"{rank:>3}. {hit.score:.4f}  [{hit.id}]  {text}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from nestvec.datasets import load_qrels, load_queries
+    from nestvec.evaluation import evaluate
+
+    collection = _client(args).get_collection(args.collection)
+    qrels = load_qrels(args.qrels)
+    queries = load_queries(args.queries)
+    missing = [q for q in qrels if q not in queries]
+    if missing:
+        raise invalid("qrels", f"{len(missing)} judged queries are not in {args.queries}, e.g. {missing[0]!r}")
+    qids = sorted(qrels)
+    results = collection.search_batch([queries[q] for q in qids], k=100)
+    run = {q: [h.id for h in hits] for q, hits in zip(qids, results, strict=True)}
+    metrics = evaluate(run, qrels)
+    print(json.dumps({"collection": args.collection, "codec": collection.codec.spec, "queries": len(qids),
+                      **{k: round(v, 4) for k, v in metrics.items()}}))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(json.dumps(_client(args).get_collection(args.collection).info(), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    for name in _client(args).list_collections():
+        print(name)
+    return 0
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    _client(args).drop_collection(args.collection)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nestvec", description=__doc__)
+    parser.add_argument("--data", default=os.environ.get("NESTVEC_DATA", "nestvec_data"),
+                        help="data folder holding the collections (env NESTVEC_DATA; default ./nestvec_data)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="encode and store a BEIR corpus.jsonl[.gz] or a text file (one doc per line)")
+    p.add_argument("path")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--codec", default=None, help=f"codec spec, e.g. fp8, int8, pca192+fp8 (default {DEFAULT_CODEC})")
+    p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="bundled model name or a local model folder")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--limit", type=int, default=0, help="only the first N documents")
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("search", help="search a collection with a text query")
+    p.add_argument("collection")
+    p.add_argument("query")
+    p.add_argument("-k", type=int, default=10)
+    p.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"year": {"$gte": 2020}}\'')
+    p.add_argument("--width", type=int, default=110)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="nDCG@10 and recall@100 against BEIR queries and qrels")
+    p.add_argument("collection")
+    p.add_argument("--queries", required=True)
+    p.add_argument("--qrels", required=True)
+    p.set_defaults(func=cmd_eval)
+
+    for name, func, text in (("info", cmd_info, "show a collection's settings and size"),
+                             ("drop", cmd_drop, "delete a collection")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("collection")
+        p.set_defaults(func=func)
+    sub.add_parser("list", help="list collections").set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NestvecError as err:
+        print(f"nestvec: error: {err} [{err.grpc_status}]", file=sys.stderr)
+        return 2
+    except json.JSONDecodeError as err:
+        print(f"nestvec: error: --filter is not valid JSON: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

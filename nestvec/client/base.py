@@ -1,0 +1,59 @@
+"""The client API shared by the embedded (local folder) and remote (gRPC) transports."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from nestvec.types import Hit, JSONDict, Record
+
+
+class CollectionHandle(Protocol):
+    """What a client hands back for a collection, whichever the transport."""
+
+    @property
+    def name(self) -> str: ...
+
+    def upsert(self, ids: Sequence[str | int], texts: Sequence[str | None] | None = None,
+               vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None) -> int: ...
+
+    def delete(self, ids: Sequence[str | int]) -> int: ...
+
+    def get(self, ids: Sequence[str | int]) -> list[Record | None]: ...
+
+    def count(self) -> int: ...
+
+    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
+               filter: JSONDict | None = None) -> list[Hit]: ...
+
+    def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10,
+                     filter: JSONDict | None = None) -> list[list[Hit]]: ...
+
+    def info(self) -> JSONDict: ...
+
+
+class ClientBase(ABC):
+    @abstractmethod
+    def create_collection(self, name: str, *, encoder: Any = ..., dim: int | None = None,
+                          codec: str = ..., exist_ok: bool = False) -> CollectionHandle: ...
+
+    @abstractmethod
+    def get_collection(self, name: str) -> CollectionHandle: ...
+
+    @abstractmethod
+    def list_collections(self) -> list[str]: ...
+
+    @abstractmethod
+    def drop_collection(self, name: str) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> ClientBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,361 @@
+"""A collection: the one place that composes encoder + codec + index + storage.
+
+LMDB is the source of truth; the in-RAM flat index and metadata columns are rebuilt from it on
+open and updated only after a write transaction has committed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nestvec.compression import Codec, make_codec
+from nestvec.encoders import Encoder, load_encoder
+from nestvec.errors import FailedPreconditionError, invalid
+from nestvec.fsutil import read_json, write_json
+from nestvec.index.filters import MetadataTable
+from nestvec.index.flat import FlatIndex
+from nestvec.index.store import LmdbStore, Put
+from nestvec.types import CollectionConfig, Hit, JSONDict, Record
+
+MAX_K = 10_000
+MAX_ID_BYTES = 256
+DEFAULT_RESCORE_FACTOR = 4
+CONFIG_FILE = "collection.json"
+CODEC_DIR = "codec"
+STORE_DIR = "data.lmdb"
+
+IdLike = str | int
+QueryLike = str | Sequence[float] | np.ndarray
+
+
+def _check_ids(ids: Sequence[IdLike], field: str = "ids") -> list[str]:
+    if isinstance(ids, str | int) or not isinstance(ids, Sequence):
+        raise invalid(field, "must be a list of ids")
+    out: list[str] = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(ids):
+        if isinstance(raw, bool) or not isinstance(raw, str | int):
+            raise invalid(f"{field}[{i}]", f"must be a string or integer, got {type(raw).__name__}")
+        value = str(raw)
+        if not value or len(value.encode()) > MAX_ID_BYTES:
+            raise invalid(f"{field}[{i}]", f"must be 1 to {MAX_ID_BYTES} bytes of UTF-8")
+        if value in seen:
+            raise invalid(field, f"duplicate id {value!r} at positions {seen[value]} and {i}")
+        seen[value] = i
+        out.append(value)
+    return out
+
+
+def _check_metadata(metadata: Sequence[JSONDict | None] | None, n: int) -> list[JSONDict]:
+    if metadata is None:
+        return [{} for _ in range(n)]
+    if len(metadata) != n:
+        raise invalid("metadata", f"has {len(metadata)} entries for {n} ids")
+    out = []
+    for i, meta in enumerate(metadata):
+        meta = {} if meta is None else meta
+        if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+            raise invalid(f"metadata[{i}]", "must be a JSON object with string keys")
+        try:
+            json.dumps(meta, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise invalid(f"metadata[{i}]", f"is not JSON-serialisable: {err}") from None
+        out.append(meta)
+    return out
+
+
+def _check_vectors(vectors: Any, dim: int, field: str) -> np.ndarray:
+    """float32 [n, dim], finite, non-zero, L2-normalised (the collection's metric is cosine)."""
+    try:
+        arr = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise invalid(field, f"must be numeric: {err}") from None
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        got = arr.shape[-1] if arr.ndim >= 1 else 0
+        raise invalid(field, f"wrong dimension: collection has dim {dim}, got {got} (shape {arr.shape})")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise invalid(f"{field}[{int(np.argmax(bad))}]", "contains NaN or inf")
+    norms = np.linalg.norm(arr, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise invalid(f"{field}[{int(np.argmax(norms[:, 0] == 0))}]", "is the zero vector")
+    return np.ascontiguousarray(arr / norms, dtype=np.float32)
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+        raise invalid("k", f"must be an integer between 1 and {MAX_K}, got {k!r}")
+    return int(k)
+
+
+class Collection:
+    """Documents, codes and metadata of one collection, searchable exactly through its codec."""
+
+    def __init__(self, folder: Path, *, encoder: Encoder | None = None) -> None:
+        self.folder = folder
+        self.config = CollectionConfig.from_json(read_json(folder / CONFIG_FILE))
+        self.codec = Codec.load(folder / CODEC_DIR)
+        self._encoder: Encoder | None = None
+        if encoder is not None:
+            self._attach_encoder(encoder)
+        self._lock = threading.RLock()
+        self.store = LmdbStore(folder / STORE_DIR)
+        self._load_index()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, folder: Path, name: str, *, encoder: Encoder | None, dim: int | None,
+               codec: str) -> Collection:
+        """Write the config and (unfitted) codec into `folder`, which must not exist yet."""
+        if encoder is not None:
+            if dim is not None and dim != encoder.dim:
+                raise invalid("dim", f"encoder {encoder.identity.model} makes {encoder.dim}-d vectors, not {dim}")
+            dim = encoder.dim
+        if dim is None or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise invalid("dim", "a collection without an encoder needs a positive integer dim")
+        spec = make_codec(codec, dim)
+        config = CollectionConfig(name=name, dim=dim, codec=spec.spec,
+                                  encoder=encoder.identity if encoder else None)
+        spec.save(folder / CODEC_DIR)
+        write_json(folder / CONFIG_FILE, config.to_json())
+        return cls(folder, encoder=encoder)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load_index(self) -> None:
+        self.index = FlatIndex(self.codec)
+        self.metadata = MetadataTable()
+        keys, documents, codes = self.store.load(self.codec.bytes_per_vector)
+        self._ids: list[str] = [k.decode() for k in keys]
+        self._row_of: dict[str, int] = {key: row for row, key in enumerate(self._ids)}
+        self.index.append(codes)
+        self.metadata.append([json.loads(d).get("metadata", {}) for d in documents])
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # -- encoder -----------------------------------------------------------------------------
+    def _attach_encoder(self, encoder: Encoder) -> None:
+        expected = self.config.encoder
+        if expected is None:
+            raise FailedPreconditionError(f"collection {self.name!r} stores raw vectors and has no encoder")
+        if encoder.identity.weights_sha256 != expected.weights_sha256 or encoder.dim != expected.dim:
+            raise FailedPreconditionError(
+                f"encoder {encoder.identity.model} ({encoder.identity.weights_sha256[:12]}) differs from "
+                f"collection {self.name!r}'s {expected.model} ({expected.weights_sha256[:12]})")
+        self._encoder = encoder
+
+    @property
+    def encoder(self) -> Encoder:
+        if self._encoder is None:
+            if self.config.encoder is None:
+                raise FailedPreconditionError(
+                    f"collection {self.name!r} has no encoder: pass vectors instead of texts")
+            self._attach_encoder(load_encoder(self.config.encoder.model))
+        assert self._encoder is not None
+        return self._encoder
+
+    # -- writes ------------------------------------------------------------------------------
+    def upsert(self, ids: Sequence[IdLike], texts: Sequence[str | None] | None = None,
+               vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None) -> int:
+        """Insert or replace documents in one transaction; returns how many were written."""
+        keys = _check_ids(ids)
+        n = len(keys)
+        if n == 0:
+            raise invalid("ids", "empty batch")
+        if texts is not None:
+            if isinstance(texts, str) or len(texts) != n:
+                raise invalid("texts", f"must be a list with one entry per id ({n})")
+            for i, text in enumerate(texts):
+                if text is not None and not isinstance(text, str):
+                    raise invalid(f"texts[{i}]", f"must be a string, got {type(text).__name__}")
+        metas = _check_metadata(metadata, n)
+        if vectors is not None:
+            vecs = _check_vectors(vectors, self.config.dim, "vectors")
+            if len(vecs) != n:
+                raise invalid("vectors", f"has {len(vecs)} rows for {n} ids")
+        elif texts is None:
+            raise invalid("texts", "give texts, vectors or both")
+        else:
+            missing = [i for i, t in enumerate(texts) if t is None]
+            if missing:
+                raise invalid(f"texts[{missing[0]}]", "is null and no vector was given")
+            vecs = self.encoder.encode([t or "" for t in texts], kind="document")
+        with self._lock:
+            self._ensure_fitted(vecs)
+            codes = self.codec.encode(vecs)
+            rescore = self.codec.rescore.encode(vecs) if self.codec.rescore else None
+            puts = [
+                Put(key.encode(),
+                    json.dumps({"text": texts[i] if texts is not None else None, "metadata": metas[i]}).encode(),
+                    codes[i].tobytes(), None if rescore is None else rescore[i].tobytes())
+                for i, key in enumerate(keys)
+            ]
+            self.store.write(puts)
+            self._forget([k for k in keys if k in self._row_of])
+            rows = self.index.append(codes)
+            self.metadata.append(metas)
+            for key, row in zip(keys, rows.tolist(), strict=True):
+                self._ids.append(key)
+                self._row_of[key] = row
+            self._maybe_compact()
+        return n
+
+    def _ensure_fitted(self, vectors: np.ndarray) -> None:
+        """Fit the codec once, on the first batch written, then freeze it (never per batch)."""
+        if self.codec.fitted:
+            return
+        if len(vectors) < self.codec.min_fit_size:
+            raise FailedPreconditionError(
+                f"codec {self.codec.spec!r} must be fitted on at least {self.codec.min_fit_size} vectors: "
+                f"make the first upsert larger or call fit_codec(sample)")
+        self.fit_codec(vectors)
+
+    def fit_codec(self, sample: Any) -> None:
+        """Fit the codec on a representative sample; only allowed while the collection is empty."""
+        with self._lock:
+            if self.count() > 0:
+                raise FailedPreconditionError(f"collection {self.name!r} already holds codes; its codec is fixed")
+            vecs = _check_vectors(sample, self.config.dim, "sample")
+            self.codec.fit(vecs)
+            self.codec.save(self.folder / CODEC_DIR)
+
+    def delete(self, ids: Sequence[IdLike]) -> int:
+        """Remove documents in one transaction; unknown ids are ignored. Returns how many existed."""
+        keys = _check_ids(ids)
+        with self._lock:
+            present = [k for k in keys if k in self._row_of]
+            if present:
+                self.store.write([], [k.encode() for k in present])
+                self._forget(present)
+                self._maybe_compact()
+        return len(present)
+
+    def _forget(self, keys: Sequence[str]) -> None:
+        rows = np.array([self._row_of.pop(k) for k in keys], dtype=np.int64)
+        if len(rows):
+            self.index.remove(rows)
+            self.metadata.remove(rows)
+
+    def _maybe_compact(self) -> None:
+        dead = self.index.tombstones
+        if dead > 1024 and dead * 2 > self.index.rows:
+            keep = self.index.compact()
+            self.metadata.compact(keep)
+            self._ids = [self._ids[i] for i in keep.tolist()]
+            self._row_of = {key: row for row, key in enumerate(self._ids)}
+
+    # -- reads -------------------------------------------------------------------------------
+    def count(self) -> int:
+        return len(self._row_of)
+
+    def get(self, ids: Sequence[IdLike]) -> list[Record | None]:
+        keys = _check_ids(ids)
+        out: list[Record | None] = []
+        for key, raw in zip(keys, self.store.get_documents([k.encode() for k in keys]), strict=True):
+            doc = None if raw is None else json.loads(raw)
+            out.append(None if doc is None else Record(key, doc["text"], doc["metadata"]))
+        return out
+
+    def embed_queries(self, queries: str | Sequence[str] | np.ndarray | Sequence[Sequence[float]],
+                      model: str | None = None) -> np.ndarray:
+        """Texts are encoded with the collection's encoder; vectors are checked against it."""
+        if isinstance(queries, str):
+            queries = [queries]
+        if isinstance(queries, Sequence) and queries and all(isinstance(q, str) for q in queries):
+            return self.encoder.encode([str(q) for q in queries], kind="query")
+        if model is not None and (self.config.encoder is None or not self.config.encoder.matches(model)):
+            have = self.config.encoder.model if self.config.encoder else "raw vectors"
+            raise FailedPreconditionError(f"query vectors come from {model!r}; collection {self.name!r} holds {have}")
+        if isinstance(queries, Sequence) and not len(queries):
+            raise invalid("queries", "empty batch")
+        return _check_vectors(queries, self.config.dim, "query")
+
+    def search(self, query: QueryLike, k: int = 10, filter: JSONDict | None = None, *,
+               model: str | None = None, rescore_candidates: int | None = None) -> list[Hit]:
+        """Top-k hits for one query text or vector."""
+        if not isinstance(query, str) and np.asarray(query).ndim != 1:
+            raise invalid("query", "must be one text or one vector; use search_batch for several")
+        return self.search_batch([query] if isinstance(query, str) else np.asarray(query)[None, :], k, filter,
+                                 model=model, rescore_candidates=rescore_candidates)[0]
+
+    def search_batch(self, queries: Sequence[str] | np.ndarray | Sequence[Sequence[float]], k: int = 10,
+                     filter: JSONDict | None = None, *, model: str | None = None,
+                     rescore_candidates: int | None = None) -> list[list[Hit]]:
+        k = _check_k(k)
+        with self._lock:
+            allowed = self.metadata.evaluate(filter)
+        vectors = self.embed_queries(queries, model)
+        with self._lock:
+            scores, rows = self.search_vectors(vectors, k, allowed, rescore_candidates)
+            ids = [[self._ids[r] for r in row if r >= 0] for row in rows.tolist()]
+        flat_ids = sorted({i for row in ids for i in row})
+        docs = dict(zip(flat_ids, self.store.get_documents([i.encode() for i in flat_ids]), strict=True))
+        out = []
+        for row_ids, row_scores in zip(ids, scores.tolist(), strict=True):
+            hits = []
+            for key, score in zip(row_ids, row_scores, strict=False):
+                doc = json.loads(docs[key] or b"{}")
+                hits.append(Hit(key, float(score), doc.get("text"), doc.get("metadata", {})))
+            hits.sort(key=lambda h: (-h.score, h.id))
+            out.append(hits)
+        return out
+
+    def search_vectors(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None,
+                       rescore_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Arrays in, arrays out: (scores, rows) [nq, k], rows padded with -1."""
+        if self.codec.rescore is None:
+            return self.index.search(vectors, k, allowed)
+        wide = max(k, rescore_candidates or DEFAULT_RESCORE_FACTOR * k)
+        _, rows = self.index.search(vectors, wide, allowed)
+        return self._rescore(vectors, rows, k)
+
+    def _rescore(self, vectors: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Re-rank candidates with the higher-precision codes kept on disk."""
+        assert self.codec.rescore is not None
+        refiner = self.codec.rescore
+        valid = rows >= 0
+        keys = [self._ids[r].encode() for r in rows[valid].tolist()]
+        decoded = refiner.decode(self.store.get_rescore_codes(keys, refiner.bytes_per_vector))
+        cand = np.zeros((*rows.shape, vectors.shape[1]), dtype=np.float32)
+        cand[valid] = decoded
+        scores = np.einsum("qcd,qd->qc", cand, vectors)
+        scores[~valid] = -np.inf
+        order = np.lexsort((rows, -scores), axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, order, axis=1)
+        top_rows = np.where(np.isneginf(top_scores), -1, np.take_along_axis(rows, order, axis=1))
+        return top_scores, top_rows
+
+    def info(self) -> JSONDict:
+        enc = self.config.encoder
+        return {
+            "name": self.name,
+            "count": self.count(),
+            "dim": self.config.dim,
+            "codec": self.codec.spec,
+            "codec_fitted": self.codec.fitted,
+            "bytes_per_vector": self.codec.bytes_per_vector,
+            "stored_bytes_per_vector": self.codec.stored_bytes_per_vector,
+            "compression_ratio": round(4 * self.config.dim / self.codec.bytes_per_vector, 2),
+            "encoder": enc.to_json() if enc else None,
+            "metadata_fields": sorted(self.metadata.fields),
+            "disk_bytes": self.store.disk_bytes(),
+        }
+
+

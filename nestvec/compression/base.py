@@ -1,0 +1,59 @@
+"""Stage protocols. A codec = optional transform (PCA / Matryoshka prefix) + one quantizer.
+
+Every stage is fitted once on a sample of the collection, then frozen and saved as
+JSON config + .npy arrays (no pickle).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+Config = dict[str, Any]
+
+
+class Transform(Protocol):
+    """Maps vectors to the space the quantizer codes; queries may carry a per-query score offset."""
+
+    name: str
+    in_dim: int
+    out_dim: int
+    fitted: bool
+    min_fit_size: int
+
+    def fit(self, sample: np.ndarray) -> None: ...
+
+    def apply_documents(self, x: np.ndarray) -> np.ndarray: ...
+
+    def apply_queries(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(transformed queries, offset added to every score of that query)."""
+        ...
+
+    def state(self) -> tuple[Config, Arrays]: ...
+
+    def load_state(self, config: Config, arrays: Arrays) -> None: ...
+
+
+class Quantizer(Protocol):
+    """Turns float rows into fixed-size uint8 codes and scores float queries against codes."""
+
+    name: str
+    dim: int
+    code_size: int
+    fitted: bool
+
+    def fit(self, sample: np.ndarray) -> None: ...
+
+    def encode(self, x: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, codes: np.ndarray) -> np.ndarray: ...
+
+    def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Inner products [nq, n] of float32 queries with one block of codes."""
+        ...
+
+    def state(self) -> tuple[Config, Arrays]: ...
+
+    def load_state(self, config: Config, arrays: Arrays) -> None: ...

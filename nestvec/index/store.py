@@ -1,0 +1,116 @@
+"""LMDB storage of one collection: documents, codes and rescoring codes, keyed by id.
+
+One write transaction per batch covers all three databases, so a batch lands whole or not at
+all. One Environment per path per process (LMDB forbids opening the same file twice).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+INITIAL_MAP_SIZE = 64 << 20
+_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+_ENVS_LOCK = threading.Lock()
+
+
+def _open_env(path: Path) -> lmdb.Environment:
+    key = str(path.resolve())
+    with _ENVS_LOCK:
+        if key in _ENVS:
+            env, refs = _ENVS[key]
+            _ENVS[key] = (env, refs + 1)
+            return env
+        path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=4, subdir=True, lock=True)
+        _ENVS[key] = (env, 1)
+        return env
+
+
+def _release_env(path: Path) -> None:
+    key = str(path.resolve())
+    with _ENVS_LOCK:
+        if key not in _ENVS:
+            return
+        env, refs = _ENVS[key]
+        if refs > 1:
+            _ENVS[key] = (env, refs - 1)
+        else:
+            del _ENVS[key]
+            env.close()
+
+
+@dataclass(frozen=True)
+class Put:
+    key: bytes
+    document: bytes
+    code: bytes
+    rescore: bytes | None = None
+
+
+class LmdbStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.env = _open_env(path)
+        self._docs = self.env.open_db(b"docs")
+        self._codes = self.env.open_db(b"codes")
+        self._rescore = self.env.open_db(b"rescore")
+        self._write_lock = threading.Lock()
+
+    def close(self) -> None:
+        _release_env(self.path)
+
+    def write(self, puts: Sequence[Put], deletes: Sequence[bytes] = ()) -> None:
+        """Apply deletes then puts in one transaction; grows the map and retries when full."""
+        with self._write_lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        for key in deletes:
+                            for db in (self._docs, self._codes, self._rescore):
+                                txn.delete(key, db=db)
+                        for put in puts:
+                            txn.put(put.key, put.document, db=self._docs)
+                            txn.put(put.key, put.code, db=self._codes)
+                            if put.rescore is not None:
+                                txn.put(put.key, put.rescore, db=self._rescore)
+                            else:
+                                txn.delete(put.key, db=self._rescore)
+                    return
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def load(self, code_size: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
+        """All (keys, documents, codes) in key order, for rebuilding the in-RAM index on open."""
+        with self.env.begin() as txn:
+            code_items = list(txn.cursor(db=self._codes).iternext(keys=True, values=True))
+            doc_items = list(txn.cursor(db=self._docs).iternext(keys=True, values=True))
+        keys = [k for k, _ in code_items]
+        if [k for k, _ in doc_items] != keys:
+            raise RuntimeError(f"{self.path}: documents and codes disagree; the store is damaged")
+        codes = np.frombuffer(b"".join(v for _, v in code_items), dtype=np.uint8).reshape(len(keys), code_size)
+        return keys, [v for _, v in doc_items], codes.copy()
+
+    def get_documents(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        with self.env.begin() as txn:
+            return [txn.get(k, db=self._docs) for k in keys]
+
+    def get_rescore_codes(self, keys: Sequence[bytes], code_size: int) -> np.ndarray:
+        with self.env.begin(buffers=True) as txn:
+            blobs = [bytes(txn.get(k, db=self._rescore) or b"") for k in keys]
+        if any(len(b) != code_size for b in blobs):
+            raise RuntimeError(f"{self.path}: missing rescoring codes")
+        return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(keys), code_size)
+
+    def count(self) -> int:
+        with self.env.begin() as txn:
+            return int(txn.stat(self._codes)["entries"])
+
+    def disk_bytes(self) -> int:
+        """Bytes of the LMDB file in use (the file itself may be sparse up to the map size)."""
+        return int((self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"])

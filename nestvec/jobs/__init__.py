@@ -1,0 +1,1 @@
+"""Long-running work over collections: bulk ingest (resumable and distributed in later issues)."""

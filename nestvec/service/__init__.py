@@ -1,0 +1,1 @@
+"""gRPC service over collections (see protos/); built in its own issue."""

@@ -1,0 +1,72 @@
+"""Frozen value types shared by every layer (never proto, never numpy-backed views of storage)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+JSONDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EncoderIdentity:
+    """What a collection records about the model that made its vectors."""
+
+    model: str
+    weights_sha256: str
+    dim: int
+
+    def to_json(self) -> JSONDict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: JSONDict) -> EncoderIdentity:
+        return cls(model=str(data["model"]), weights_sha256=str(data["weights_sha256"]), dim=int(data["dim"]))
+
+    def matches(self, model: str) -> bool:
+        """True when `model` names this encoder: its model name or (a prefix of) its weights hash."""
+        return model == self.model or (len(model) >= 12 and self.weights_sha256.startswith(model))
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    text: str | None
+    metadata: JSONDict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    text: str | None
+    metadata: JSONDict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CollectionConfig:
+    """Saved as collection.json beside the collection's data."""
+
+    name: str
+    dim: int
+    codec: str
+    encoder: EncoderIdentity | None
+    metric: str = "cosine"
+    format_version: int = 1
+
+    def to_json(self) -> JSONDict:
+        data = asdict(self)
+        data["encoder"] = self.encoder.to_json() if self.encoder else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: JSONDict) -> CollectionConfig:
+        enc = data.get("encoder")
+        return cls(
+            name=str(data["name"]),
+            dim=int(data["dim"]),
+            codec=str(data["codec"]),
+            encoder=EncoderIdentity.from_json(enc) if enc else None,
+            metric=str(data.get("metric", "cosine")),
+            format_version=int(data.get("format_version", 1)),
+        )
