@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ def test_search_matches_brute_force(client: LocalClient, scifact_vectors: tuple[
     expected = np.argsort(-(queries @ vecs.T), axis=1)[:, :10]
     for hits, rows in zip(results, expected, strict=True):
         assert [h.id for h in hits] == [ids[r] for r in rows]
-        assert all(a.score >= b.score for a, b in zip(hits, hits[1:], strict=False))
+        assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
 
 
 def test_upsert_replaces_and_delete_removes(client: LocalClient, scifact_vectors: tuple[list[str], np.ndarray]) -> None:
