@@ -1,0 +1,51 @@
+"""LMDB storage: a failing batch commits nothing, and the map grows when full."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nestvec
+import nestvec.collection
+import nestvec.index.store
+from nestvec.index.store import Put
+
+
+def test_failure_inside_the_write_transaction_commits_nothing(
+        tmp_path: Path, scifact_vectors: tuple[list[str], np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, vecs = scifact_vectors
+    client = nestvec.connect(tmp_path)
+    col = client.create_collection("t", encoder=None, dim=384, codec="fp8")
+    col.upsert(ids[:20], vectors=vecs[:20], texts=["v1"] * 20)
+    made = []
+
+    def failing_put(key: bytes, document: bytes, code: bytes, rescore: bytes | None = None) -> Put:
+        made.append(key)
+        return Put(b"" if len(made) == 5 else key, document, code, rescore)  # LMDB rejects empty keys
+
+    monkeypatch.setattr(nestvec.collection, "Put", failing_put)
+    with pytest.raises(Exception, match=r"(?i)val|size|key"):
+        col.upsert(ids[10:30], vectors=vecs[30:50], texts=["v2"] * 20)
+    assert len(made) == 20  # the failure happened inside the batch, after some puts
+    monkeypatch.undo()
+    assert col.count() == 20 and col.get([ids[25]]) == [None]
+    assert all(r is not None and r.text == "v1" for r in col.get(ids[:20]))
+    client.close()
+    reopened = nestvec.connect(tmp_path).get_collection("t")
+    assert reopened.count() == 20 and all(r is not None and r.text == "v1" for r in reopened.get(ids[:20]))
+
+
+def test_map_size_grows_as_needed(tmp_path: Path, scifact_vectors: tuple[list[str], np.ndarray],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nestvec.index.store, "INITIAL_MAP_SIZE", 1 << 20)
+    ids, vecs = scifact_vectors
+    with nestvec.connect(tmp_path) as client:
+        col = client.create_collection("g", encoder=None, dim=384, codec="fp32")
+        col.upsert(ids[:3000], vectors=vecs[:3000])  # ~4.6 MB of codes in one transaction
+        assert col.store.env.info()["map_size"] > 4 << 20
+        assert col.count() == 3000
+    with nestvec.connect(tmp_path) as client:
+        col = client.get_collection("g")
+        assert col.count() == 3000 and col.search(vecs[42], k=1)[0].id == ids[42]
