@@ -21,6 +21,7 @@ from nestvec.fsutil import read_json, write_json
 from nestvec.index.filters import MetadataTable
 from nestvec.index.flat import FlatIndex
 from nestvec.index.store import LmdbStore, Put
+from nestvec.index.topk import rerank
 from nestvec.types import CollectionConfig, Hit, JSONDict, Record
 
 MAX_K = 10_000
@@ -327,20 +328,14 @@ class Collection:
         return self._rescore(vectors, rows, k)
 
     def _rescore(self, vectors: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Re-rank candidates with the higher-precision codes kept on disk."""
+        """Re-rank candidates with the higher-precision codes kept on disk (read only for candidates)."""
         assert self.codec.rescore is not None
         refiner = self.codec.rescore
         valid = rows >= 0
         keys = [self._ids[r].encode() for r in rows[valid].tolist()]
-        decoded = refiner.decode(self.store.get_rescore_codes(keys, refiner.bytes_per_vector))
-        cand = np.zeros((*rows.shape, vectors.shape[1]), dtype=np.float32)
-        cand[valid] = decoded
-        scores = np.einsum("qcd,qd->qc", cand, vectors)
-        scores[~valid] = -np.inf
-        order = np.lexsort((rows, -scores), axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, order, axis=1)
-        top_rows = np.where(np.isneginf(top_scores), -1, np.take_along_axis(rows, order, axis=1))
-        return top_scores, top_rows
+        codes = np.zeros((*rows.shape, refiner.bytes_per_vector), dtype=np.uint8)
+        codes[valid] = self.store.get_rescore_codes(keys, refiner.bytes_per_vector)
+        return rerank(refiner.candidate_scores(vectors, codes), rows, k)
 
     def info(self) -> JSONDict:
         enc = self.config.encoder

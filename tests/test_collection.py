@@ -10,7 +10,7 @@ import pytest
 
 import nestvec
 from nestvec.client.local import LocalClient
-from nestvec.errors import AlreadyExistsError, NotFoundError
+from nestvec.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError
 
 
 def _vectors(scifact_vectors: tuple[list[str], np.ndarray], n: int) -> tuple[list[str], np.ndarray]:
@@ -49,7 +49,7 @@ def test_search_matches_brute_force(client: LocalClient, scifact_vectors: tuple[
 
 def test_upsert_replaces_and_delete_removes(client: LocalClient, scifact_vectors: tuple[list[str], np.ndarray]) -> None:
     ids, vecs = _vectors(scifact_vectors, 50)
-    col = client.create_collection("c", encoder=None, dim=384, codec="int8")
+    col = client.create_collection("c", encoder=None, dim=384, codec="fp8")
     col.upsert(ids, vectors=vecs, texts=["old"] * 50, metadata=[{"v": 1}] * 50)
     col.upsert([ids[0]], vectors=vecs[10:11], texts=["new"], metadata=[{"v": 2}])
     assert col.count() == 50
@@ -129,10 +129,24 @@ def test_lifecycle_errors(client: LocalClient) -> None:
 
 
 def test_text_collection_end_to_end(client: LocalClient) -> None:
-    col = client.create_collection("texts", codec="int8")
+    col = client.create_collection("texts", codec="fp8")
     col.upsert(["a", "b", "c"], texts=["Graphene has high thermal conductivity.",
                                         "Mice hibernate in cold winters.", ""])
     assert col.config.encoder is not None and col.config.encoder.model == "all-MiniLM-L6-v2"
     assert col.search("heat transport in carbon materials", k=1)[0].id == "a"
     info = col.info()
     assert info["count"] == 3 and info["bytes_per_vector"] == 384 and info["compression_ratio"] == 4.0
+
+
+def test_codecs_that_need_a_sample_refuse_tiny_first_batches(client: LocalClient,
+                                                             scifact_vectors: tuple[list[str], np.ndarray]) -> None:
+    ids, vecs = _vectors(scifact_vectors, 300)
+    col = client.create_collection("i8", encoder=None, dim=384, codec="int8")
+    with pytest.raises(FailedPreconditionError, match="fit_codec"):
+        col.upsert(ids[:3], vectors=vecs[:3])
+    assert col.count() == 0 and not col.codec.fitted
+    col.fit_codec(vecs)
+    col.upsert(ids[:3], vectors=vecs[:3])
+    assert col.search(vecs[1], k=1)[0].id == ids[1]
+    with pytest.raises(FailedPreconditionError, match="already holds codes"):
+        col.fit_codec(vecs)

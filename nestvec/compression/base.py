@@ -43,6 +43,7 @@ class Quantizer(Protocol):
     dim: int
     code_size: int
     fitted: bool
+    min_fit_size: int
 
     def fit(self, sample: np.ndarray) -> None: ...
 

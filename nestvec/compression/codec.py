@@ -41,11 +41,16 @@ class Codec:
 
     @property
     def min_fit_size(self) -> int:
-        return max(self.transform.min_fit_size, 1)
+        """Fewest vectors a fit may use: PCA needs its dimension, per-dimension ranges need a sample."""
+        own = max(self.transform.min_fit_size, self.quantizer.min_fit_size, 1)
+        return max(own, self.rescore.min_fit_size) if self.rescore else own
 
     # -- fit / encode / decode -----------------------------------------------------------------
     def fit(self, sample: np.ndarray) -> Codec:
         x = self._check(sample, "sample")
+        if len(x) < self.min_fit_size:
+            raise FailedPreconditionError(
+                f"codec: {self.spec} needs at least {self.min_fit_size} vectors to fit, got {len(x)}")
         self.transform.fit(x)
         self.quantizer.fit(self.transform.apply_documents(x))
         if self.rescore is not None:
@@ -92,11 +97,17 @@ class Codec:
 
     def scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Approximate inner products [nq, n] of float queries with coded vectors."""
-        nq = len(np.atleast_2d(queries))
-        out = np.empty((nq, len(codes)), dtype=np.float32)
+        out = np.empty((len(queries), len(codes)), dtype=np.float32)
         for start, block in self.iter_scores(queries, codes):
             out[:, start:start + block.shape[1]] = block
         return out
+
+    def candidate_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Scores [nq, c] of each query against its own c candidates, given as codes [nq, c, code_size]."""
+        prepared, offset = self.prepare_queries(queries)
+        nq, c, size = codes.shape
+        decoded = self.quantizer.decode(self._check_codes(codes.reshape(nq * c, size))).reshape(nq, c, -1)
+        return np.einsum("qcd,qd->qc", decoded, prepared) + offset[:, None]
 
     # -- persistence ---------------------------------------------------------------------------
     def state(self) -> dict[str, object]:

@@ -14,6 +14,7 @@ class FloatQuantizer:
     """Plain IEEE casts (fp32 / fp16): need no fitting."""
 
     fitted = True
+    min_fit_size = 0
 
     def __init__(self, name: str, dim: int) -> None:
         self.name, self.dim = name, dim
@@ -48,6 +49,8 @@ class Float8Quantizer:
     subnormal. The scale maps the sample's largest magnitude to half the format's max (headroom
     for unseen vectors; anything beyond is clipped before the cast).
     """
+
+    min_fit_size = 1
 
     def __init__(self, name: str, dim: int) -> None:
         self.name, self.dim = name, dim
@@ -95,6 +98,7 @@ class Int8Quantizer:
     """
 
     name = "int8"
+    min_fit_size = 256  # per-dimension ranges from a handful of vectors clip everything after them
 
     def __init__(self, dim: int) -> None:
         self.dim = self.code_size = dim
@@ -134,6 +138,7 @@ class BinaryQuantizer:
     """
 
     name = "binary"
+    min_fit_size = 64  # per-dimension magnitudes weight the sign bits
 
     def __init__(self, dim: int) -> None:
         self.dim = dim

@@ -25,6 +25,13 @@ def empty_topk(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
 
 
+def rerank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of [nq, c] candidate (scores, rows); rows of -1 are padding and never win."""
+    scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
+    order = np.lexsort((rows, -scores), axis=1)[:, :k]
+    return finalize(np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1))
+
+
 def finalize(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows of masked-out (-inf) slots become -1, as faiss pads."""
     rows = np.where(np.isneginf(scores), -1, rows)
