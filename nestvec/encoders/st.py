@@ -84,6 +84,9 @@ class SentenceTransformerEncoder:
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise in a CLI
 
         self.model_name = BUNDLED_MODEL if model in _BUNDLED_ALIASES else model
         self.path = resolve_model_path(model)
