@@ -284,9 +284,10 @@ class Collection:
         if model is not None and (self.config.encoder is None or not self.config.encoder.matches(model)):
             have = self.config.encoder.model if self.config.encoder else "raw vectors"
             raise FailedPreconditionError(f"query vectors come from {model!r}; collection {self.name!r} holds {have}")
-        if isinstance(queries, Sequence) and not len(queries):
+        vectors = _check_vectors(queries, self.config.dim, "query") if len(queries) else np.zeros((0, 0))
+        if not len(vectors):
             raise invalid("queries", "empty batch")
-        return _check_vectors(queries, self.config.dim, "query")
+        return vectors
 
     def search(self, query: QueryLike, k: int = 10, filter: JSONDict | None = None, *,
                model: str | None = None, rescore_candidates: int | None = None) -> list[Hit]:

@@ -95,6 +95,10 @@ def test_bad_queries(filled: Collection) -> None:
         filled.search(np.ones(512), k=3)
     with pytest.raises(InvalidArgumentError, match="NaN"):
         filled.search(np.full(384, np.nan), k=3)
+    with pytest.raises(InvalidArgumentError, match="empty batch"):
+        filled.search_batch(np.zeros((0, 384)), k=3)
+    with pytest.raises(InvalidArgumentError, match="empty batch"):
+        filled.search_batch([], k=3)
     with pytest.raises(FailedPreconditionError, match="all-mpnet-base-v2"):
         filled.search(np.ones(384), k=3, model="all-mpnet-base-v2")
 
