@@ -1,4 +1,4 @@
-"""`nestvec` command line: ingest, search, eval, info, list, drop."""
+"""`nestvec` command line: ingest, search, eval, info, list, drop, serve."""
 
 from __future__ import annotations
 
@@ -10,13 +10,12 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from nestvec.client import connect
 from nestvec.client.local import DEFAULT_CODEC, LocalClient
 from nestvec.errors import NestvecError, NotFoundError, invalid
 
 
 def _client(args: argparse.Namespace) -> LocalClient:
-    return connect(args.data)
+    return LocalClient(args.data)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -84,6 +83,19 @@ def cmd_drop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from nestvec.service.server import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(Path(args.data), port=args.port, host=args.host, api_keys=args.api_key, read_only_keys=args.read_only_key,
+          tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+          tls_key=Path(args.tls_key) if args.tls_key else None, max_message_bytes=args.max_message_mb << 20)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestvec", description=__doc__)
     parser.add_argument("--data", default=os.environ.get("NESTVEC_DATA", "nestvec_data"),
@@ -120,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("collection")
         p.set_defaults(func=func)
     sub.add_parser("list", help="list collections").set_defaults(func=cmd_list)
+
+    p = sub.add_parser("serve", help="serve the data folder over gRPC (health, reflection, API keys, TLS)")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--api-key", action="append", default=[], help="full-access key (repeatable)")
+    p.add_argument("--read-only-key", action="append", default=[], help="search-only key (repeatable)")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--max-message-mb", type=int, default=64)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -16,5 +16,7 @@ if [ ! -f "$stamp" ] || [ "$repo/pyproject.toml" -nt "$stamp" ]; then
   } >"$log" 2>&1 || { tail -n 40 "$log" >&2; exit 1; }
   touch "$stamp"
 fi
+# gRPC stubs are generated from protos/ (never committed); regenerate when the proto changed.
+"$venv/bin/python" -m nestvec.wire.generate --check >/dev/null 2>&1 || "$venv/bin/python" -m nestvec.wire.generate >/dev/null
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PATH="$venv/bin:$PATH"

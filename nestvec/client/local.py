@@ -1,91 +1,16 @@
-"""Embedded client: collections are sub-folders of one data folder, opened in-process."""
+"""Embedded client: the catalog of a local data folder, in-process."""
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import threading
-import uuid
-from pathlib import Path
-
+from nestvec.catalog import DEFAULT_CODEC, Catalog, check_name
 from nestvec.client.base import ClientBase
-from nestvec.collection import CONFIG_FILE, Collection
-from nestvec.encoders import BUNDLED_MODEL, Encoder, load_encoder
-from nestvec.errors import AlreadyExistsError, NotFoundError, invalid
-from nestvec.fsutil import fsync_dir
-
-DEFAULT_CODEC = "fp8"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise invalid("name", f"{name!r} is not a valid collection name (letters, digits, '_', '.', '-'; max 128)")
-    return name
+class LocalClient(Catalog, ClientBase):
+    """`nestvec.connect(path)`: collections are opened in this process."""
+
+    def __enter__(self) -> LocalClient:
+        return self
 
 
-class LocalClient(ClientBase):
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.root = Path(path)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._open: dict[str, Collection] = {}
-        self._lock = threading.Lock()
-
-    def _folder(self, name: str) -> Path:
-        return self.root / check_name(name)
-
-    def create_collection(self, name: str, *, encoder: Encoder | str | None = BUNDLED_MODEL,
-                          dim: int | None = None, codec: str = DEFAULT_CODEC,
-                          exist_ok: bool = False) -> Collection:
-        """Create a collection; built in a hidden folder then renamed, so it appears whole or not at all."""
-        folder = self._folder(name)
-        with self._lock:
-            if (folder / CONFIG_FILE).exists():
-                if exist_ok:
-                    return self._get_locked(name)
-                raise AlreadyExistsError(f"collection {name!r} already exists")
-            enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
-            staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
-            try:
-                Collection.create(staging, name, encoder=enc, dim=dim, codec=codec).close()
-                os.rename(staging, folder)
-                fsync_dir(self.root)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-            return self._get_locked(name, enc)
-
-    def get_collection(self, name: str, *, encoder: Encoder | None = None) -> Collection:
-        with self._lock:
-            return self._get_locked(name, encoder)
-
-    def _get_locked(self, name: str, encoder: Encoder | None = None) -> Collection:
-        folder = self._folder(name)
-        if name not in self._open:
-            if not (folder / CONFIG_FILE).exists():
-                raise NotFoundError(f"collection {name!r} does not exist in {self.root}")
-            self._open[name] = Collection(folder, encoder=encoder)
-        elif encoder is not None:
-            self._open[name]._attach_encoder(encoder)
-        return self._open[name]
-
-    def list_collections(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).exists())
-
-    def drop_collection(self, name: str) -> None:
-        """Rename away first (atomic disappearance), then delete the files."""
-        folder = self._folder(name)
-        with self._lock:
-            if not (folder / CONFIG_FILE).exists():
-                raise NotFoundError(f"collection {name!r} does not exist in {self.root}")
-            if name in self._open:
-                self._open.pop(name).close()
-            trash = self.root / f".dropped-{name}-{uuid.uuid4().hex[:8]}"
-            os.rename(folder, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-
-    def close(self) -> None:
-        with self._lock:
-            for collection in self._open.values():
-                collection.close()
-            self._open.clear()
+__all__ = ["DEFAULT_CODEC", "LocalClient", "check_name"]

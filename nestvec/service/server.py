@@ -1,0 +1,236 @@
+"""gRPC servicers: proto -> Catalog / Collection -> proto, with NestvecError -> status codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from nestvec.catalog import DEFAULT_CODEC, Catalog
+from nestvec.collection import Collection
+from nestvec.encoders import BUNDLED_MODEL
+from nestvec.errors import NestvecError, ResourceExhaustedError, invalid
+from nestvec.service.interceptors import AuthInterceptor, MethodStats, StatsInterceptor
+from nestvec.types import Hit
+from nestvec.wire import convert
+from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
+from nestvec.wire._pb.nestvec.v1 import nestvec_pb2_grpc as pb_grpc
+
+log = logging.getLogger("nestvec.service")
+ERROR_CLASS_KEY = "nestvec-error"
+MAX_MESSAGE_BYTES = 64 << 20
+MAX_BATCH_POINTS = 50_000
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(context: grpc.ServicerContext, err: NestvecError) -> None:
+    context.set_trailing_metadata(((ERROR_CLASS_KEY, type(err).__name__),))
+    context.abort(getattr(grpc.StatusCode, err.grpc_status, grpc.StatusCode.UNKNOWN), err.message)
+
+
+def rpc(method: F) -> F:
+    """Map nestvec errors to their status (with the class name in trailing metadata); others to INTERNAL."""
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except NestvecError as err:
+            _abort(context, err)
+        except Exception as err:  # an unexpected failure must still answer, not hang the client
+            log.exception("internal error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+
+    return unary  # type: ignore[return-value]
+
+
+def _k(value: int) -> int:
+    if value == 0:
+        raise invalid("k", "must be between 1 and 10000, got 0 (k is required)")
+    return value
+
+
+class CollectionsService(pb_grpc.CollectionsServicer):
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    @staticmethod
+    def info(collection: Collection) -> pb.CollectionInfo:
+        info = collection.info()
+        enc = collection.config.encoder
+        return pb.CollectionInfo(name=collection.name, count=collection.count(), dim=collection.config.dim,
+                                 codec=collection.codec.spec, encoder_model=enc.model if enc else "",
+                                 info_json=json.dumps(info))
+
+    @rpc
+    def Create(self, request: pb.CreateCollectionRequest, context: grpc.ServicerContext) -> pb.CollectionInfo:
+        encoder = None if request.no_encoder else (request.encoder or BUNDLED_MODEL)
+        collection = self.catalog.create_collection(
+            request.name, encoder=encoder, dim=request.dim or None, codec=request.codec or DEFAULT_CODEC,
+            exist_ok=request.exist_ok)
+        return self.info(collection)
+
+    @rpc
+    def Describe(self, request: pb.DescribeCollectionRequest, context: grpc.ServicerContext) -> pb.CollectionInfo:
+        return self.info(self.catalog.get_collection(request.name))
+
+    @rpc
+    def List(self, request: pb.ListCollectionsRequest,
+             context: grpc.ServicerContext) -> pb.ListCollectionsResponse:
+        return pb.ListCollectionsResponse(names=self.catalog.list_collections())
+
+    @rpc
+    def Drop(self, request: pb.DropCollectionRequest, context: grpc.ServicerContext) -> pb.DropCollectionResponse:
+        self.catalog.drop_collection(request.name)
+        return pb.DropCollectionResponse()
+
+
+class PointsService(pb_grpc.PointsServicer):
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def _upsert(self, request: pb.UpsertRequest) -> int:
+        if len(request.points) > MAX_BATCH_POINTS:
+            raise ResourceExhaustedError(f"points: {len(request.points)} in one batch; at most {MAX_BATCH_POINTS}",
+                                         field="points")
+        collection = self.catalog.get_collection(request.collection)
+        records = [convert.from_pb_point(p, f"points[{i}]") for i, p in enumerate(request.points)]
+        vectors = convert.from_pb_vectors(request.vectors) if request.HasField("vectors") else None
+        texts = [r.text for r in records]
+        return collection.upsert([r.id for r in records], texts=texts if any(t is not None for t in texts) else None,
+                                 vectors=vectors, metadata=[r.metadata for r in records])
+
+    @rpc
+    def Upsert(self, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertResponse:
+        return pb.UpsertResponse(written=self._upsert(request))
+
+    def UpsertStream(self, requests: Iterator[pb.UpsertRequest],
+                     context: grpc.ServicerContext) -> Iterator[pb.UpsertResponse]:
+        """Each batch commits in its own transaction and is acknowledged; a bad batch ends the stream."""
+        batch = -1
+        try:
+            for batch, request in enumerate(requests):
+                yield pb.UpsertResponse(written=self._upsert(request), batch=batch)
+        except NestvecError as err:
+            err.message = f"batch {batch}: {err.message} (batches before it are committed)"
+            _abort(context, err)
+
+    @rpc
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        return pb.DeleteResponse(deleted=self.catalog.get_collection(request.collection).delete(list(request.ids)))
+
+    @rpc
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        records = self.catalog.get_collection(request.collection).get(list(request.ids))
+        return pb.GetResponse(points=[convert.to_pb_point(r) if r else pb.Point(id=i)
+                                      for i, r in zip(request.ids, records, strict=True)],
+                              found=[r is not None for r in records])
+
+    @rpc
+    def Count(self, request: pb.CountRequest, context: grpc.ServicerContext) -> pb.CountResponse:
+        return pb.CountResponse(count=self.catalog.get_collection(request.collection).count())
+
+    def _search(self, collection_name: str, queries: Sequence[str] | Any, k: int, filter_json: str,
+                params: pb.SearchParams, model: str) -> list[list[Hit]]:
+        collection = self.catalog.get_collection(collection_name)
+        flt = convert.from_json(filter_json, "filter")
+        return collection.search_batch(queries, _k(k), flt, model=model or None,
+                                       rescore_candidates=params.rescore_candidates or None)
+
+    @rpc
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        which = request.WhichOneof("query")
+        if which is None:
+            raise invalid("query", "give text or vector")
+        if which == "vector":
+            query: Any = convert.from_pb_vectors(request.vector, "vector")
+            if len(query) != 1:
+                raise invalid("vector", f"must hold exactly one row, got {len(query)}")
+        else:
+            query = [request.text]
+        hits = self._search(request.collection, query, request.k, request.filter_json, request.params, request.model)
+        return pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits[0]])
+
+    @rpc
+    def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> pb.SearchBatchResponse:
+        if request.texts and request.HasField("vectors"):
+            raise invalid("texts", "give texts or vectors, not both")
+        queries: Any = list(request.texts) if request.texts else (
+            convert.from_pb_vectors(request.vectors) if request.HasField("vectors") else [])
+        if not len(queries):
+            raise invalid("queries", "empty batch")
+        results = self._search(request.collection, queries, request.k, request.filter_json, request.params,
+                               request.model)
+        return pb.SearchBatchResponse(results=[pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits])
+                                               for hits in results])
+
+
+class DiagnosticsService(pb_grpc.DiagnosticsServicer):
+    def __init__(self, stats: MethodStats) -> None:
+        self.stats = stats
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        return pb.StatsResponse(methods=[pb.MethodStats(**row) for row in self.stats.snapshot()],
+                                uptime_s=time.monotonic() - self.stats.started)
+
+
+def build_server(catalog: Catalog, *, address: str = "127.0.0.1:50051", api_keys: Sequence[str] = (),
+                 read_only_keys: Sequence[str] = (), tls_cert: Path | None = None, tls_key: Path | None = None,
+                 max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+    """A ready-to-start server and its bound port (pass port 0 to pick a free one)."""
+    stats = MethodStats()
+    interceptors: list[grpc.ServerInterceptor] = [StatsInterceptor(stats)]
+    if api_keys or read_only_keys:
+        interceptors.insert(0, AuthInterceptor(api_keys, read_only_keys))
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), interceptors=interceptors,
+                         options=options)
+    pb_grpc.add_CollectionsServicer_to_server(CollectionsService(catalog), server)
+    pb_grpc.add_PointsServicer_to_server(PointsService(catalog), server)
+    pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsService(stats), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [pb.DESCRIPTOR.services_by_name[s].full_name for s in ("Collections", "Points", "Diagnostics")]
+    for name in [*names, ""]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    if tls_cert or tls_key:
+        if not (tls_cert and tls_key):
+            raise invalid("tls", "give both --tls-cert and --tls-key")
+        creds = grpc.ssl_server_credentials([(tls_key.read_bytes(), tls_cert.read_bytes())])
+        port = server.add_secure_port(address, creds)
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise invalid("port", f"could not bind {address}")
+    return server, port
+
+
+def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0, **kwargs: Any) -> None:
+    """Run until SIGINT/SIGTERM; then stop taking calls and let in-flight ones (writes included) finish."""
+    with Catalog(data) as catalog:
+        server, bound = build_server(catalog, address=f"{host}:{port}", **kwargs)
+        server.start()
+        stopping = threading.Event()
+
+        def stop(signum: int, frame: object) -> None:
+            log.warning("signal %s: draining in-flight calls (up to %.0f s)", signum, grace_s)
+            stopping.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+        print(f"nestvec serving {data} on {host}:{bound}", flush=True)
+        stopping.wait()
+        server.stop(grace_s).wait()
