@@ -1,27 +1,16 @@
-"""Shared fixtures: real data from ../shared/data (small slices), the bundled encoder, temp stores."""
+"""Shared fixtures: real data slices, the bundled encoder, temp stores."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import nestvec
 from nestvec.client.local import LocalClient
 from nestvec.encoders import SentenceTransformerEncoder, load_encoder
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("NESTVEC_SHARED", REPO.parent / "shared"))
-DATA = SHARED / "data"
-
-
-def shipped_embeddings(dataset: str) -> tuple[list[str], np.ndarray]:
-    """Precomputed MiniLM document embeddings (ids, [n, 384]) shipped with the data."""
-    folder = DATA / dataset / "minilm"
-    ids = (folder / "corpus_ids.txt").read_text().split()
-    return ids, np.load(folder / "corpus.npy")
+from realdata import shipped_embeddings
 
 
 @pytest.fixture(scope="session")
@@ -35,14 +24,6 @@ def encoder() -> SentenceTransformerEncoder:
 
 
 @pytest.fixture()
-def client(tmp_path: Path) -> LocalClient:
-    with nestvec.connect(tmp_path / "store") as c:
+def client(tmp_path: Path) -> Iterator[LocalClient]:
+    with LocalClient(tmp_path / "store") as c:
         yield c
-
-
-def corpus_slice(dataset: str, tmp_path: Path, lines: list[int]) -> Path:
-    """Copy chosen corpus lines (0-based) into a temp corpus.jsonl."""
-    source = (DATA / dataset / "corpus.jsonl").read_text(encoding="utf-8").splitlines()
-    out = tmp_path / f"{dataset}-slice.jsonl"
-    out.write_text("\n".join(source[i] for i in lines) + "\n", encoding="utf-8")
-    return out

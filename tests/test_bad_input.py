@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, corpus_slice
 from nestvec.cli import main as cli
 from nestvec.client.local import LocalClient
 from nestvec.collection import Collection
 from nestvec.encoders import SentenceTransformerEncoder
 from nestvec.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from nestvec.types import EncoderIdentity
+from realdata import DATA, corpus_slice
 
 
 def _snapshot(col: Collection) -> tuple[int, list, list]:

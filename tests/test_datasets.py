@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DATA, corpus_slice
 from nestvec.cli import main as cli
 from nestvec.client import connect
 from nestvec.datasets import iter_corpus, load_qrels, load_queries
 from nestvec.errors import InvalidArgumentError, NotFoundError
+from realdata import DATA, corpus_slice
 
 
 def test_jsonl_and_gzip_give_the_same_documents(tmp_path: Path) -> None:

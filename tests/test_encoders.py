@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import DATA, shipped_embeddings
 from nestvec.datasets import document_text
 from nestvec.encoders import Encoder, SentenceTransformerEncoder, truncate_normalize
 from nestvec.encoders.st import SentenceTransformerEncoder as STEncoder
 from nestvec.errors import InvalidArgumentError
+from realdata import DATA, shipped_embeddings
 
 
 def test_encode_shapes_and_unit_norm(encoder: SentenceTransformerEncoder) -> None:

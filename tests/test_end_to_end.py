@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, corpus_slice, shipped_embeddings
 from nestvec.cli import main as cli
 from nestvec.datasets import load_qrels
 from nestvec.evaluation import evaluate, ndcg_at_k, recall_at_k
+from realdata import DATA, corpus_slice, shipped_embeddings
 
 N_QUERIES = 40
 N_DOCS = 300

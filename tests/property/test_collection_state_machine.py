@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import nestvec
-from conftest import shipped_embeddings
+from realdata import shipped_embeddings
 
 _IDS, _VECTORS = shipped_embeddings("scifact")
 POOL = _VECTORS[:400]

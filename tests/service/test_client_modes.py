@@ -1,0 +1,75 @@
+"""One API, two transports: the same calls and the same errors, embedded and over gRPC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nestvec.client.base import ClientBase
+from nestvec.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from realdata import shipped_embeddings
+
+IDS, VECTORS = shipped_embeddings("scifact")
+
+
+def _filled(client: ClientBase, n: int = 300):  # type: ignore[no-untyped-def]
+    col = client.create_collection("sci", encoder=None, dim=384, codec="fp8")
+    col.upsert(IDS[:n], vectors=VECTORS[:n], texts=[f"text {i}" for i in range(n)],
+               metadata=[{"year": 2000 + i % 10, "even": i % 2 == 0} for i in range(n)])
+    return col
+
+
+def test_collections_lifecycle(any_client: ClientBase) -> None:
+    _filled(any_client, 10)
+    assert any_client.list_collections() == ["sci"]
+    with pytest.raises(AlreadyExistsError):
+        any_client.create_collection("sci", encoder=None, dim=384)
+    with pytest.raises(NotFoundError, match="nope"):
+        any_client.get_collection("nope")
+    info = any_client.get_collection("sci").info()
+    assert info["count"] == 10 and info["codec"] == "fp8" and info["bytes_per_vector"] == 384
+    any_client.drop_collection("sci")
+    assert any_client.list_collections() == []
+
+
+def test_points_round_trip(any_client: ClientBase) -> None:
+    col = _filled(any_client)
+    assert col.count() == 300
+    hits = col.search(VECTORS[5], k=3)
+    assert hits[0].id == IDS[5] and hits[0].text == "text 5" and hits[0].metadata == {"year": 2005, "even": False}
+    batch = col.search_batch(VECTORS[10:14], k=2, filter={"even": True})
+    assert [len(h) for h in batch] == [2, 2, 2, 2] and all(h.metadata["even"] for hits in batch for h in hits)
+    assert batch[0][0].id == IDS[10]
+    records = col.get([IDS[1], "missing"])
+    assert records[0] is not None and records[0].text == "text 1" and records[1] is None
+    assert col.delete([IDS[1], "missing"]) == 1 and col.count() == 299
+
+
+def test_text_queries_are_encoded_where_the_collection_lives(any_client: ClientBase) -> None:
+    col = any_client.create_collection("texts", codec="fp16")
+    col.upsert(["a", "b"], texts=["Shock waves on a swept wing.", "Gene expression in mouse liver."])
+    assert col.search("supersonic aerodynamics", k=1)[0].id == "a"
+    assert [h[0].id for h in col.search_batch(["liver genes", "wing shock"], k=1)] == ["b", "a"]
+
+
+@pytest.mark.parametrize(("call", "error", "field"), [
+    (lambda c: c.upsert(["x"], vectors=np.ones((1, 5))), InvalidArgumentError, "vectors"),
+    (lambda c: c.upsert(["x", "y"], vectors=np.array([np.ones(384), np.full(384, np.nan)])), InvalidArgumentError,
+     "vectors[1]"),
+    (lambda c: c.upsert(["x", "x"], vectors=np.ones((2, 384))), InvalidArgumentError, "ids"),
+    (lambda c: c.upsert([], vectors=None), InvalidArgumentError, "ids"),
+    (lambda c: c.search(np.ones(384), k=0), InvalidArgumentError, "k"),
+    (lambda c: c.search(np.ones(384), k=10_001), InvalidArgumentError, "k"),
+    (lambda c: c.search(np.ones(384), k=5, filter={"nofield": 1}), InvalidArgumentError, "filter.nofield"),
+    (lambda c: c.search(np.ones(384), k=5, filter={"year": {"$near": 1}}), InvalidArgumentError, "filter.year.$near"),
+    (lambda c: c.search(np.ones(384), k=5, model="all-mpnet-base-v2"), FailedPreconditionError, None),
+    (lambda c: c.upsert(["t"], texts=["needs an encoder"]), FailedPreconditionError, None),
+])
+def test_same_errors_on_both_transports_and_nothing_changes(any_client: ClientBase, call, error, field) -> None:  # type: ignore[no-untyped-def]
+    col = _filled(any_client, 50)
+    before = ([(h.id, h.score) for h in col.search(VECTORS[0], k=10)], col.count(), col.get(IDS[:50]))
+    with pytest.raises(error) as raised:
+        call(col)
+    if field is not None:
+        assert raised.value.field == field and str(raised.value).startswith(field)
+    assert ([(h.id, h.score) for h in col.search(VECTORS[0], k=10)], col.count(), col.get(IDS[:50])) == before
