@@ -14,7 +14,7 @@ from nestvec.encoders import BUNDLED_MODEL, Encoder, load_encoder
 from nestvec.errors import AlreadyExistsError, NotFoundError, invalid
 from nestvec.fsutil import fsync_dir
 
-DEFAULT_CODEC = "fp8"
+DEFAULT_CODEC = "int8"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 

@@ -7,7 +7,6 @@ open and updated only after a write transaction has committed.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from nestvec.compression import Codec, make_codec
+from nestvec.concurrency import ReadWriteLock
 from nestvec.encoders import Encoder, load_encoder
 from nestvec.errors import FailedPreconditionError, invalid
 from nestvec.fsutil import read_json, write_json
@@ -25,6 +25,12 @@ from nestvec.index.topk import rerank
 from nestvec.types import CollectionConfig, Hit, JSONDict, Record
 
 MAX_K = 10_000
+# Until a codec that needs fitting has this many vectors (or fit_codec() is called), vectors are
+# kept as exact float32 "staged" codes; then the codec is fitted on all of them and they are
+# re-encoded in one transaction. Small collections thus stay exact and never fit on a handful.
+FIT_THRESHOLD = 1024
+CODES_FORMAT = b"codes_format"
+STAGED, ENCODED = b"staged-fp32", b"codec"
 MAX_ID_BYTES = 256
 DEFAULT_RESCORE_FACTOR = 4
 CONFIG_FILE = "collection.json"
@@ -107,9 +113,17 @@ class Collection:
         self._encoder: Encoder | None = None
         if encoder is not None:
             self._attach_encoder(encoder)
-        self._lock = threading.RLock()
+        self._lock = ReadWriteLock()
+        self._staging_codec = make_codec("fp32", self.config.dim)
         self.store = LmdbStore(folder / STORE_DIR)
+        codes_format = self.store.get_meta(CODES_FORMAT)
+        if codes_format is None:
+            codes_format = ENCODED if self.codec.fitted else STAGED
+            self.store.write([], meta={CODES_FORMAT: codes_format})
+        self._staged = codes_format == STAGED
         self._load_index()
+        if self._staged and self.codec.fitted:
+            self._encode_staged()  # a crash came between saving the fitted codec and re-encoding: finish it
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -138,10 +152,19 @@ class Collection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def scan_codec(self) -> Codec:
+        """The codec the stored codes are in now: float32 while staged, then the collection's codec."""
+        return self._staging_codec if self._staged else self.codec
+
+    @property
+    def fit_threshold(self) -> int:
+        return max(self.codec.min_fit_size, FIT_THRESHOLD)
+
     def _load_index(self) -> None:
-        self.index = FlatIndex(self.codec)
+        self.index = FlatIndex(self.scan_codec)
         self.metadata = MetadataTable()
-        keys, documents, codes = self.store.load(self.codec.bytes_per_vector)
+        keys, documents, codes = self.store.load(self.scan_codec.bytes_per_vector)
         self._ids: list[str] = [k.decode() for k in keys]
         self._row_of: dict[str, int] = {key: row for row, key in enumerate(self._ids)}
         self.index.append(codes)
@@ -198,10 +221,9 @@ class Collection:
             if missing:
                 raise invalid(f"texts[{missing[0]}]", "is null and no vector was given")
             vecs = self.encoder.encode([t or "" for t in texts], kind="document")
-        with self._lock:
-            self._ensure_fitted(vecs)
-            codes = self.codec.encode(vecs)
-            rescore = self.codec.rescore.encode(vecs) if self.codec.rescore else None
+        with self._lock.write():
+            codes = self.scan_codec.encode(vecs)
+            rescore = self.codec.rescore.encode(vecs) if self.codec.rescore and not self._staged else None
             puts = [
                 Put(key.encode(),
                     json.dumps({"text": texts[i] if texts is not None else None, "metadata": metas[i]}).encode(),
@@ -216,31 +238,49 @@ class Collection:
                 self._ids.append(key)
                 self._row_of[key] = row
             self._maybe_compact()
+            if self._staged and self.count() >= self.fit_threshold:
+                self._fit_locked(self._staging_codec.decode(self.index.codes()[self.index.live[: self.index.rows]]))
         return n
 
-    def _ensure_fitted(self, vectors: np.ndarray) -> None:
-        """Fit the codec once, on the first batch written, then freeze it (never per batch)."""
-        if self.codec.fitted:
-            return
-        if len(vectors) < self.codec.min_fit_size:
-            raise FailedPreconditionError(
-                f"codec {self.codec.spec!r} must be fitted on at least {self.codec.min_fit_size} vectors: "
-                f"make the first upsert larger or call fit_codec(sample)")
-        self.fit_codec(vectors)
-
     def fit_codec(self, sample: Any) -> None:
-        """Fit the codec on a representative sample; only allowed while the collection is empty."""
-        with self._lock:
-            if self.count() > 0:
+        """Fit the codec on a representative sample now (while its vectors are still staged or none exist)."""
+        vecs = _check_vectors(sample, self.config.dim, "sample")
+        with self._lock.write():
+            if not self._staged and self.count() > 0:
                 raise FailedPreconditionError(f"collection {self.name!r} already holds codes; its codec is fixed")
-            vecs = _check_vectors(sample, self.config.dim, "sample")
-            self.codec.fit(vecs)
+            self._fit_locked(vecs)
+
+    def _fit_locked(self, sample: np.ndarray) -> None:
+        """Fit once, then freeze: codes are never re-calibrated per batch."""
+        self.codec.fit(sample)
+        if self._staged:
+            self._encode_staged()
+        else:
             self.codec.save(self.folder / CODEC_DIR)
+
+    def _encode_staged(self) -> None:
+        """Re-encode the staged float32 vectors with the fitted codec.
+
+        The codec is saved first; the codes and the format flag then change in one LMDB
+        transaction. A crash in between is finished on the next open.
+        """
+        keep = self.index.compact()
+        self.metadata.compact(keep)
+        self._ids = [self._ids[i] for i in keep.tolist()]
+        self._row_of = {key: row for row, key in enumerate(self._ids)}
+        vectors = self._staging_codec.decode(self.index.codes())
+        codes = self.codec.encode(vectors)
+        rescore = self.codec.rescore.encode(vectors) if self.codec.rescore else None
+        self.codec.save(self.folder / CODEC_DIR)
+        self.store.rewrite_codes([k.encode() for k in self._ids], codes, rescore, {CODES_FORMAT: ENCODED})
+        self._staged = False
+        self.index = FlatIndex(self.codec)
+        self.index.append(codes)
 
     def delete(self, ids: Sequence[IdLike]) -> int:
         """Remove documents in one transaction; unknown ids are ignored. Returns how many existed."""
         keys = _check_ids(ids)
-        with self._lock:
+        with self._lock.write():
             present = [k for k in keys if k in self._row_of]
             if present:
                 self.store.write([], [k.encode() for k in present])
@@ -301,10 +341,10 @@ class Collection:
                      filter: JSONDict | None = None, *, model: str | None = None,
                      rescore_candidates: int | None = None) -> list[list[Hit]]:
         k = _check_k(k)
-        with self._lock:
+        with self._lock.read():
             allowed = self.metadata.evaluate(filter)
         vectors = self.embed_queries(queries, model)
-        with self._lock:
+        with self._lock.read():
             scores, rows = self.search_vectors(vectors, k, allowed, rescore_candidates)
             ids = [[self._ids[r] for r in row if r >= 0] for row in rows.tolist()]
         flat_ids = sorted({i for row in ids for i in row})
@@ -322,7 +362,7 @@ class Collection:
     def search_vectors(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None,
                        rescore_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Arrays in, arrays out: (scores, rows) [nq, k], rows padded with -1."""
-        if self.codec.rescore is None:
+        if self.codec.rescore is None or self._staged:
             return self.index.search(vectors, k, allowed)
         wide = max(k, rescore_candidates or DEFAULT_RESCORE_FACTOR * k)
         _, rows = self.index.search(vectors, wide, allowed)
@@ -346,6 +386,8 @@ class Collection:
             "dim": self.config.dim,
             "codec": self.codec.spec,
             "codec_fitted": self.codec.fitted,
+            "staged_vectors": self.count() if self._staged else 0,
+            "fit_threshold": self.fit_threshold,
             "bytes_per_vector": self.codec.bytes_per_vector,
             "stored_bytes_per_vector": self.codec.stored_bytes_per_vector,
             "compression_ratio": round(4 * self.config.dim / self.codec.bytes_per_vector, 2),

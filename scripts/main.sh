@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The main job: index SciFact (../shared/data) with the bundled MiniLM, report nDCG@10, run a search.
-# Usage: bash scripts/main.sh [DATASET=scifact] [CODEC=fp8]
+# Usage: bash scripts/main.sh [DATASET=scifact] [CODEC=int8]
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/scripts/env.sh"
 dataset="${1:-scifact}"
-codec="${2:-fp8}"
+codec="${2:-int8}"
 data_dir="${NESTVEC_SHARED:-$repo/../shared}/data/$dataset"
 export NESTVEC_DATA="${NESTVEC_DATA:-$repo/nestvec_data}"
 name="$dataset-${codec//[^A-Za-z0-9]/_}"

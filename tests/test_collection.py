@@ -19,17 +19,17 @@ def _vectors(scifact_vectors: tuple[list[str], np.ndarray], n: int) -> tuple[lis
 
 
 def test_upsert_search_get_and_reopen(tmp_path: Path, scifact_vectors: tuple[list[str], np.ndarray]) -> None:
-    ids, vecs = _vectors(scifact_vectors, 600)
-    meta = [{"year": 2000 + i % 20, "source": ["pubmed", "arxiv"][i % 2]} for i in range(600)]
+    ids, vecs = _vectors(scifact_vectors, 1500)
+    meta = [{"year": 2000 + i % 20, "source": ["pubmed", "arxiv"][i % 2]} for i in range(1500)]
     with nestvec.connect(tmp_path) as client:
         col = client.create_collection("sci", encoder=None, dim=384, codec="fp8")
-        assert col.upsert(ids, texts=[f"doc {i}" for i in ids], vectors=vecs, metadata=meta) == 600
+        assert col.upsert(ids, texts=[f"doc {i}" for i in ids], vectors=vecs, metadata=meta) == 1500
         before = col.search(vecs[7], k=5)
         assert before[0].id == ids[7] and before[0].text == f"doc {ids[7]}"
         assert before[0].metadata == meta[7]
     with nestvec.connect(tmp_path) as client:
         col = client.get_collection("sci")
-        assert col.count() == 600 and col.codec.fitted
+        assert col.count() == 1500 and col.codec.fitted and col.info()["staged_vectors"] == 0
         after = col.search(vecs[7], k=5)
         assert [(h.id, h.score) for h in after] == [(h.id, h.score) for h in before]
         assert client.list_collections() == ["sci"]
@@ -138,15 +138,39 @@ def test_text_collection_end_to_end(client: LocalClient) -> None:
     assert info["count"] == 3 and info["bytes_per_vector"] == 384 and info["compression_ratio"] == 4.0
 
 
-def test_codecs_that_need_a_sample_refuse_tiny_first_batches(client: LocalClient,
-                                                             scifact_vectors: tuple[list[str], np.ndarray]) -> None:
-    ids, vecs = _vectors(scifact_vectors, 300)
-    col = client.create_collection("i8", encoder=None, dim=384, codec="int8")
-    with pytest.raises(FailedPreconditionError, match="fit_codec"):
-        col.upsert(ids[:3], vectors=vecs[:3])
-    assert col.count() == 0 and not col.codec.fitted
+def test_small_collections_stay_exact_until_the_codec_is_fitted(tmp_path: Path,
+                                                                scifact_vectors: tuple[list[str], np.ndarray]) -> None:
+    ids, vecs = _vectors(scifact_vectors, 1100)
+    with nestvec.connect(tmp_path) as client:
+        col = client.create_collection("i8", encoder=None, dim=384, codec="int8")
+        col.upsert(ids[:3], vectors=vecs[:3])  # far too few to fit per-dimension ranges: staged as float32
+        assert not col.codec.fitted and col.info()["staged_vectors"] == 3
+        assert col.search(vecs[1], k=1)[0].score == pytest.approx(1.0, abs=1e-6)
+        col.upsert(ids[3:1000], vectors=vecs[3:1000])
+        col.delete(ids[:2])
+    with nestvec.connect(tmp_path) as client:  # staged vectors survive a reopen
+        col = client.get_collection("i8")
+        assert col.info()["staged_vectors"] == 998 and col.count() == 998
+        col.upsert(ids[1000:1100], vectors=vecs[1000:1100])  # crosses the threshold: fit on all, re-encode
+        assert col.codec.fitted and col.info()["staged_vectors"] == 0 and col.count() == 1098
+        hits = col.search(vecs[500], k=3)
+        assert hits[0].id == ids[500] and abs(hits[0].score - 1.0) < 0.02
+        assert col.get([ids[0]]) == [None]
+        with pytest.raises(FailedPreconditionError, match="already holds codes"):
+            col.fit_codec(vecs)
+    with nestvec.connect(tmp_path) as client:
+        col = client.get_collection("i8")
+        assert col.codec.fitted and col.count() == 1098 and col.search(vecs[500], k=1)[0].id == ids[500]
+
+
+def test_fit_codec_on_a_sample_converts_staged_vectors(client: LocalClient,
+                                                      scifact_vectors: tuple[list[str], np.ndarray]) -> None:
+    ids, vecs = _vectors(scifact_vectors, 2000)
+    col = client.create_collection("p", encoder=None, dim=384, codec="pca64+fp8")
+    col.upsert(ids[:10], vectors=vecs[:10])
+    with pytest.raises(FailedPreconditionError, match="at least 64"):
+        col.fit_codec(vecs[:20])
+    assert col.info()["staged_vectors"] == 10
     col.fit_codec(vecs)
-    col.upsert(ids[:3], vectors=vecs[:3])
-    assert col.search(vecs[1], k=1)[0].id == ids[1]
-    with pytest.raises(FailedPreconditionError, match="already holds codes"):
-        col.fit_codec(vecs)
+    assert col.codec.fitted and col.index.codes().shape == (10, 64)
+    assert col.search(vecs[4], k=1)[0].id == ids[4]

@@ -49,3 +49,26 @@ def test_map_size_grows_as_needed(tmp_path: Path, scifact_vectors: tuple[list[st
     with nestvec.connect(tmp_path) as client:
         col = client.get_collection("g")
         assert col.count() == 3000 and col.search(vecs[42], k=1)[0].id == ids[42]
+
+
+def test_crash_between_codec_save_and_reencode_is_finished_on_open(
+        tmp_path: Path, scifact_vectors: tuple[list[str], np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, vecs = scifact_vectors
+    client = nestvec.connect(tmp_path)
+    col = client.create_collection("c", encoder=None, dim=384, codec="int8")
+    col.upsert(ids[:500], vectors=vecs[:500], texts=[f"t{i}" for i in range(500)])
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt("simulated crash after the fitted codec was saved")
+
+    monkeypatch.setattr(nestvec.index.store.LmdbStore, "rewrite_codes", crash)
+    with pytest.raises(KeyboardInterrupt):
+        col.fit_codec(vecs[:2000])
+    monkeypatch.undo()
+    col.store.close()
+    client._open.clear()
+    reopened = nestvec.connect(tmp_path).get_collection("c")  # sees a fitted codec and staged codes
+    assert reopened.codec.fitted and reopened.info()["staged_vectors"] == 0 and reopened.count() == 500
+    assert reopened.index.codes().shape == (500, 384)
+    assert reopened.search(vecs[42], k=1)[0].id == ids[42]
+    assert reopened.get([ids[7]])[0].text == "t7"  # type: ignore[union-attr]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import faiss
 import ml_dtypes
 import numpy as np
 
@@ -34,6 +37,11 @@ class FloatQuantizer:
 
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return queries @ self.decode(codes).T
+
+    def faiss_index(self) -> Any:
+        if self.name == "fp32":
+            return faiss.IndexFlatIP(self.dim)
+        return faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {}
@@ -82,6 +90,9 @@ class Float8Quantizer:
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return queries @ self._table[codes].T
 
+    def faiss_index(self) -> Any:
+        return None  # faiss has no float8 scalar quantizer
+
     def state(self) -> tuple[Config, Arrays]:
         return {"scale": self.scale}, {}
 
@@ -121,6 +132,14 @@ class Int8Quantizer:
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         out: np.ndarray = (queries * self.step) @ codes.T.astype(np.float32)
         return out + (queries @ self.low)[:, None]
+
+    def faiss_index(self) -> Any:
+        """faiss's QT_8bit decodes vmin + (c + 0.5) * vdiff / 255: shift vmin by half a step to match ours."""
+        index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        trained = np.concatenate([self.low - 0.5 * self.step, 255.0 * self.step]).astype(np.float32)
+        faiss.copy_array_to_vector(trained, index.sq.trained)
+        index.is_trained = True
+        return index
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {"low": self.low, "step": self.step}
@@ -162,6 +181,9 @@ class BinaryQuantizer:
 
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return (queries * self.alpha) @ self._signs(codes).T
+
+    def faiss_index(self) -> Any:
+        return None  # faiss scans bits by Hamming distance; ours is an asymmetric float score
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {"alpha": self.alpha}

@@ -7,7 +7,7 @@ all. One Environment per path per process (LMDB forbids opening the same file tw
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +27,7 @@ def _open_env(path: Path) -> lmdb.Environment:
             _ENVS[key] = (env, refs + 1)
             return env
         path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=4, subdir=True, lock=True)
+        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=8, subdir=True, lock=True)
         _ENVS[key] = (env, 1)
         return env
 
@@ -60,30 +60,61 @@ class LmdbStore:
         self._docs = self.env.open_db(b"docs")
         self._codes = self.env.open_db(b"codes")
         self._rescore = self.env.open_db(b"rescore")
+        self._meta = self.env.open_db(b"meta")
         self._write_lock = threading.Lock()
 
     def close(self) -> None:
         _release_env(self.path)
 
-    def write(self, puts: Sequence[Put], deletes: Sequence[bytes] = ()) -> None:
-        """Apply deletes then puts in one transaction; grows the map and retries when full."""
+    def _transact(self, body: Callable[[lmdb.Transaction], None]) -> None:
+        """Run `body` in one write transaction; on a full map, grow it and run again from scratch."""
         with self._write_lock:
             while True:
                 try:
                     with self.env.begin(write=True) as txn:
-                        for key in deletes:
-                            for db in (self._docs, self._codes, self._rescore):
-                                txn.delete(key, db=db)
-                        for put in puts:
-                            txn.put(put.key, put.document, db=self._docs)
-                            txn.put(put.key, put.code, db=self._codes)
-                            if put.rescore is not None:
-                                txn.put(put.key, put.rescore, db=self._rescore)
-                            else:
-                                txn.delete(put.key, db=self._rescore)
+                        body(txn)
                     return
                 except lmdb.MapFullError:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def write(self, puts: Sequence[Put], deletes: Sequence[bytes] = (), meta: dict[bytes, bytes] | None = None) -> None:
+        """Apply deletes, puts and meta in one transaction."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            for key in deletes:
+                for db in (self._docs, self._codes, self._rescore):
+                    txn.delete(key, db=db)
+            for put in puts:
+                txn.put(put.key, put.document, db=self._docs)
+                txn.put(put.key, put.code, db=self._codes)
+                if put.rescore is not None:
+                    txn.put(put.key, put.rescore, db=self._rescore)
+                else:
+                    txn.delete(put.key, db=self._rescore)
+            self._put_meta(txn, meta)
+
+        self._transact(body)
+
+    def _put_meta(self, txn: lmdb.Transaction, meta: dict[bytes, bytes] | None) -> None:
+        for key, value in (meta or {}).items():
+            txn.put(key, value, db=self._meta)
+
+    def get_meta(self, key: bytes) -> bytes | None:
+        with self.env.begin() as txn:
+            return txn.get(key, db=self._meta)
+
+    def rewrite_codes(self, keys: Sequence[bytes], codes: np.ndarray, rescore: np.ndarray | None,
+                      meta: dict[bytes, bytes]) -> None:
+        """Replace the codes of `keys` and set `meta` in one transaction (a codec switch)."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            for i, key in enumerate(keys):
+                txn.put(key, codes[i].tobytes(), db=self._codes)
+                if rescore is not None:
+                    txn.put(key, rescore[i].tobytes(), db=self._rescore)
+            self._put_meta(txn, meta)
+
+        self._transact(body)
 
     def load(self, code_size: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
         """All (keys, documents, codes) in key order, for rebuilding the in-RAM index on open."""

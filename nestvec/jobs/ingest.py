@@ -41,8 +41,8 @@ def ingest_documents(collection: Collection, documents: Sequence[Document], *, b
             continue
         texts = [d.text for d in batch]
         vectors = encoder.encode(texts, kind="document", show_progress=False)
-        if not collection.codec.fitted:
-            collection.fit_codec(vectors)
+        if not collection.codec.fitted and len(vectors) >= collection.codec.min_fit_size:
+            collection.fit_codec(vectors)  # else the collection stages float32 until it can fit
         collection.upsert([d.id for d in batch], texts=texts, vectors=vectors,
                           metadata=[d.metadata for d in batch])
         bar.update(len(batch))
