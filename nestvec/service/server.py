@@ -220,6 +220,10 @@ def build_server(catalog: Catalog, *, address: str = "127.0.0.1:50051", api_keys
 
 def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0, **kwargs: Any) -> None:
     """Run until SIGINT/SIGTERM; then stop taking calls and let in-flight ones (writes included) finish."""
+    import faiss
+
+    # Concurrency comes from the request threads; OpenMP threads per search would oversubscribe the cores.
+    faiss.omp_set_num_threads(1)
     with Catalog(data) as catalog:
         server, bound = build_server(catalog, address=f"{host}:{port}", **kwargs)
         server.start()

@@ -1,0 +1,243 @@
+"""gRPC service throughput and latency on localhost, 100,000 real passages (wiki250k embeddings).
+
+A server runs as its own process (`nestvec serve`); it holds one collection built from the first
+100,000 wiki250k passages and their shipped MiniLM embeddings, sent by the client through
+UpsertStream (client vectors) with the default codec. Then: server-side encoding throughput
+(texts only), and 1 / 8 / 32 concurrent client processes searching with the 1,000 real query
+embeddings: QPS, p50 / p99 latency, recall@10 against exact search. Writes JSON and a PNG.
+
+    python bench/service.py [--docs 100000] [--clients 1,8,32] [--seconds 10] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gzip
+import json
+import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "bench-key"
+COLLECTION = "wiki"
+
+
+def shared_data() -> Path:
+    root = os.environ.get("NESTVEC_SHARED")
+    return (Path(root) if root else REPO.parent / "shared") / "data" / "wiki250k"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(data: Path, port: int) -> subprocess.Popen[bytes]:
+    """`nestvec serve` in its own process; returns once the health service answers SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    proc = subprocess.Popen([sys.executable, "-m", "nestvec.cli", "--data", str(data), "serve", "--host",
+                             "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                channel.close()
+                return proc
+        except grpc.RpcError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+
+
+def load_passages(n: int) -> tuple[list[str], list[str]]:
+    ids, texts = [], []
+    with gzip.open(shared_data() / "passages.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for line in islice(fh, n):
+            row = json.loads(line)
+            ids.append(row["_id"])
+            texts.append(f"{row['title']}. {row['text']}")
+    return ids, texts
+
+
+def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, rate: float, ready: Any,
+                  out: Any) -> None:
+    """One client process. rate 0: search back to back (closed loop). rate > 0: send on a fixed
+    schedule of `rate` searches/s and time each from its scheduled start, so queueing counts
+    (no coordinated omission)."""
+    from nestvec.client.remote import RemoteClient
+
+    client = RemoteClient(url, api_key=API_KEY)
+    col = client.get_collection(COLLECTION)
+    col.search(queries[offset % len(queries)], k=10)  # warm the channel
+    ready.wait()  # every client starts together, after all have imported and connected
+    latencies, results = [], []
+    i, begin = offset, time.perf_counter()
+    stop = begin + seconds
+    while True:
+        start = begin + (i - offset) / rate if rate else time.perf_counter()
+        if start >= stop:
+            break
+        while time.perf_counter() < start:
+            time.sleep(max(0.0, start - time.perf_counter()))
+        hits = col.search(queries[i % len(queries)], k=10)
+        latencies.append(time.perf_counter() - start)
+        results.append((i % len(queries), [h.id for h in hits]))
+        i += 1
+    client.close()
+    out.put((latencies, results))
+
+
+def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float, rate: float = 0.0) -> dict[str, Any]:
+    """`clients` processes; `rate` is the total offered searches/s (0 = as fast as they can)."""
+    ctx = mp.get_context("spawn")
+    out, ready = ctx.Queue(), ctx.Barrier(clients)
+    procs = [ctx.Process(target=search_worker, args=(url, queries, seconds, c * 97, rate / clients, ready, out))
+             for c in range(clients)]
+    for proc in procs:
+        proc.start()
+    parts = [out.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    latencies = np.concatenate([np.array(p[0]) for p in parts]) * 1000
+    results = [r for p in parts for r in p[1]]
+    return {"clients": clients, "mode": f"open loop, {rate:g}/s offered" if rate else "closed loop",
+            "offered_qps": rate or None, "searches": len(latencies), "qps": len(latencies) / seconds,
+            "p50_ms": float(np.percentile(latencies, 50)), "p90_ms": float(np.percentile(latencies, 90)),
+            "p99_ms": float(np.percentile(latencies, 99)), "mean_ms": float(latencies.mean()), "results": results}
+
+
+def recall_at_10(results: list[tuple[int, list[str]]], ids: list[str], exact: np.ndarray) -> float:
+    position = {key: i for i, key in enumerate(ids)}
+    hits = [len({position[x] for x in got} & set(exact[q].tolist())) / 10 for q, got in results]
+    return float(np.mean(hits))
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = [r for r in rows if not r["offered_qps"]]  # the closed-loop levels; open-loop ones are in the JSON
+    clients = [r["clients"] for r in rows]
+    left.plot(clients, [r["qps"] for r in rows], "o-")
+    left.set(xscale="log", xlabel="concurrent clients", ylabel="searches / s", title="throughput")
+    for key in ("p50_ms", "p99_ms"):
+        right.plot(clients, [r[key] for r in rows], "o-", label=key.replace("_ms", ""))
+    right.set(xscale="log", xlabel="concurrent clients", ylabel="latency (ms)", title="latency")
+    right.legend()
+    for ax in (left, right):
+        ax.set_xticks(clients, [str(c) for c in clients])
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--clients", default="1,8,32", help="closed-loop levels (back-to-back searches)")
+    parser.add_argument("--open-loop", default="8@200,8@400", help="CLIENTS@RATE levels at a fixed offered load")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--encode-docs", type=int, default=500, help="texts sent for server-side encoding")
+    parser.add_argument("--batch", type=int, default=2000, help="points per UpsertStream message")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args(argv)
+
+    from nestvec.client.remote import RemoteClient
+    from nestvec.wire import convert
+    from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
+
+    vectors = np.load(shared_data() / "minilm_base150k_fp16.npy", mmap_mode="r")[: args.docs].astype(np.float32)
+    queries = np.load(shared_data() / "minilm_queries_fp16.npy").astype(np.float32)
+    ids, texts = load_passages(args.docs + args.encode_docs)
+    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+
+    with tempfile.TemporaryDirectory() as data:
+        port = free_port()
+        server = start_server(Path(data), port)
+        url = f"grpc://127.0.0.1:{port}"
+        try:
+            client = RemoteClient(url, api_key=API_KEY)
+            client.create_collection(COLLECTION, dim=384)
+            requests = [
+                pb.UpsertRequest(collection=COLLECTION, vectors=convert.to_pb_vectors(vectors[s:s + args.batch]),
+                                 points=[pb.Point(id=ids[i], text=texts[i])
+                                         for i in range(s, min(s + args.batch, args.docs))])
+                for s in range(0, args.docs, args.batch)]
+            start = time.perf_counter()
+            acks = client._stream(client.points.UpsertStream, requests)
+            upsert_s = time.perf_counter() - start
+            assert sum(a.written for a in acks) == args.docs
+            payload_mb = sum(r.ByteSize() for r in requests) / 1e6
+            info = client.get_collection(COLLECTION).info()
+            print(f"UpsertStream (client vectors): {args.docs} points in {upsert_s:.1f} s = "
+                  f"{args.docs / upsert_s:.0f} points/s ({payload_mb / upsert_s:.1f} MB/s); codec {info['codec']}")
+
+            encoded = client.create_collection("encoded", dim=384)
+            extra = range(args.docs, args.docs + args.encode_docs)
+            start = time.perf_counter()
+            for s in range(args.docs, args.docs + args.encode_docs, 100):
+                chunk = [i for i in extra if s <= i < s + 100]
+                encoded.upsert([ids[i] for i in chunk], texts=[texts[i] for i in chunk])
+            encode_s = time.perf_counter() - start
+            print(f"Upsert with server-side encoding: {args.encode_docs} passages in {encode_s:.1f} s = "
+                  f"{args.encode_docs / encode_s:.1f} docs/s")
+
+            rows = []
+            levels = [(int(c), 0.0) for c in args.clients.split(",") if c] + [
+                (int(c), float(r)) for c, r in (lvl.split("@") for lvl in args.open_loop.split(",") if lvl)]
+            for clients, rate in levels:
+                row = run_concurrency(url, queries, clients, args.seconds, rate)
+                row["recall@10"] = recall_at_10(row.pop("results"), ids[: args.docs], exact)
+                rows.append(row)
+                print(f"{clients:>3} clients, {row['mode']:<24}: {row['qps']:7.1f} searches/s  "
+                      f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  recall@10 {row['recall@10']:.4f}",
+                      flush=True)
+            stats = client.stats()
+            client.close()
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "metadata": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "docs": args.docs,
+                     "codec": info["codec"], "bytes_per_vector": info["bytes_per_vector"],
+                     "cpus": os.cpu_count(), "seconds_per_level": args.seconds, "k": 10,
+                     "clients": "separate processes, one channel each, searches back to back",
+                     "server": "nestvec serve (own process), thread pool 16"},
+        "upsert_stream": {"points": args.docs, "seconds": upsert_s, "points_per_s": args.docs / upsert_s,
+                          "payload_mb": payload_mb, "batch": args.batch},
+        "server_encoding": {"docs": args.encode_docs, "seconds": encode_s, "docs_per_s": args.encode_docs / encode_s},
+        "search": rows,
+        "server_stats": stats,
+    }
+    (args.out / "service.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(rows, args.out / "service.png", f"nestvec gRPC search, {args.docs:,} passages, codec {info['codec']}, "
+         f"{os.cpu_count()} CPUs (server and clients on one machine)")
+    print(f"wrote {args.out / 'service.json'} and {args.out / 'service.png'}")
+
+
+if __name__ == "__main__":
+    main()
