@@ -10,7 +10,9 @@ import uuid
 from pathlib import Path
 
 from nestvec.collection import CONFIG_FILE, Collection
+from nestvec.compression import make_codec
 from nestvec.encoders import BUNDLED_MODEL, Encoder, load_encoder
+from nestvec.encoders.st import BUNDLED_ALIASES
 from nestvec.errors import AlreadyExistsError, NotFoundError, invalid
 from nestvec.fsutil import fsync_dir
 
@@ -22,6 +24,25 @@ def check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise invalid("name", f"{name!r} is not a valid collection name (letters, digits, '_', '.', '-'; max 128)")
     return name
+
+
+def _differences(existing: Collection, encoder: Encoder | str | None, dim: int | None, codec: str) -> list[str]:
+    """What an exist_ok create asked for that the existing collection does not have."""
+    config, out = existing.config, []
+    if isinstance(encoder, str):
+        wanted = BUNDLED_MODEL if encoder in BUNDLED_ALIASES else encoder
+        have = config.encoder.model if config.encoder else None
+        if wanted != have:
+            out.append(f"encoder {have!r}, not {wanted!r}")
+    elif encoder is None and config.encoder is not None:
+        out.append(f"encoder {config.encoder.model!r}, not none")
+    elif encoder is not None and (config.encoder is None or config.encoder != encoder.identity):
+        out.append("a different encoder")
+    if dim is not None and dim != config.dim:
+        out.append(f"dim {config.dim}, not {dim}")
+    if make_codec(codec, config.dim).spec != config.codec:
+        out.append(f"codec {config.codec!r}, not {codec!r}")
+    return out
 
 
 class Catalog:
@@ -43,9 +64,14 @@ class Catalog:
         folder = self._folder(name)
         with self._lock:
             if (folder / CONFIG_FILE).exists():
-                if exist_ok:
-                    return self._get_locked(name)
-                raise AlreadyExistsError(f"collection {name!r} already exists")
+                if not exist_ok:
+                    raise AlreadyExistsError(f"collection {name!r} already exists")
+                existing = self._get_locked(name)
+                differences = _differences(existing, encoder, dim, codec)
+                if differences:
+                    raise AlreadyExistsError(
+                        f"collection {name!r} exists with other settings: {'; '.join(differences)}")
+                return existing
             enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
             try:
@@ -80,7 +106,7 @@ class Catalog:
             if not (folder / CONFIG_FILE).exists():
                 raise NotFoundError(f"collection {name!r} does not exist in {self.root}")
             if name in self._open:
-                self._open.pop(name).close()
+                self._open.pop(name).close("dropped")
             trash = self.root / f".dropped-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)

@@ -16,7 +16,7 @@ import numpy as np
 from nestvec.compression import Codec, make_codec
 from nestvec.concurrency import ReadWriteLock
 from nestvec.encoders import Encoder, load_encoder
-from nestvec.errors import FailedPreconditionError, invalid
+from nestvec.errors import FailedPreconditionError, NotFoundError, invalid
 from nestvec.fsutil import read_json, write_json
 from nestvec.index.filters import MetadataTable
 from nestvec.index.flat import FlatIndex
@@ -114,6 +114,7 @@ class Collection:
         if encoder is not None:
             self._attach_encoder(encoder)
         self._lock = ReadWriteLock()
+        self._closed: str | None = None
         self._staging_codec = make_codec("fp32", self.config.dim)
         self.store = LmdbStore(folder / STORE_DIR)
         codes_format = self.store.get_meta(CODES_FORMAT)
@@ -143,8 +144,14 @@ class Collection:
         write_json(folder / CONFIG_FILE, config.to_json())
         return cls(folder, encoder=encoder)
 
-    def close(self) -> None:
-        self.store.close()
+    def close(self, reason: str = "closed") -> None:
+        if self._closed is None:
+            self._closed = reason
+            self.store.close()
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise NotFoundError(f"collection {self.name!r} was {self._closed}; open it again from its client")
 
     def __enter__(self) -> Collection:
         return self
@@ -199,6 +206,7 @@ class Collection:
     def upsert(self, ids: Sequence[IdLike], texts: Sequence[str | None] | None = None,
                vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None) -> int:
         """Insert or replace documents in one transaction; returns how many were written."""
+        self._check_open()
         keys = _check_ids(ids)
         n = len(keys)
         if n == 0:
@@ -244,6 +252,7 @@ class Collection:
 
     def fit_codec(self, sample: Any) -> None:
         """Fit the codec on a representative sample now (while its vectors are still staged or none exist)."""
+        self._check_open()
         vecs = _check_vectors(sample, self.config.dim, "sample")
         with self._lock.write():
             if not self._staged and self.count() > 0:
@@ -279,6 +288,7 @@ class Collection:
 
     def delete(self, ids: Sequence[IdLike]) -> int:
         """Remove documents in one transaction; unknown ids are ignored. Returns how many existed."""
+        self._check_open()
         keys = _check_ids(ids)
         with self._lock.write():
             present = [k for k in keys if k in self._row_of]
@@ -304,9 +314,11 @@ class Collection:
 
     # -- reads -------------------------------------------------------------------------------
     def count(self) -> int:
+        self._check_open()
         return len(self._row_of)
 
     def get(self, ids: Sequence[IdLike]) -> list[Record | None]:
+        self._check_open()
         keys = _check_ids(ids)
         out: list[Record | None] = []
         for key, raw in zip(keys, self.store.get_documents([k.encode() for k in keys]), strict=True):
@@ -340,6 +352,7 @@ class Collection:
     def search_batch(self, queries: Sequence[str] | np.ndarray | Sequence[Sequence[float]], k: int = 10,
                      filter: JSONDict | None = None, *, model: str | None = None,
                      rescore_candidates: int | None = None) -> list[list[Hit]]:
+        self._check_open()
         k = _check_k(k)
         with self._lock.read():
             allowed = self.metadata.evaluate(filter)
@@ -379,6 +392,7 @@ class Collection:
         return rerank(refiner.candidate_scores(vectors, codes), rows, k)
 
     def info(self) -> JSONDict:
+        self._check_open()
         enc = self.config.encoder
         return {
             "name": self.name,

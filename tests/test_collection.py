@@ -119,7 +119,7 @@ def test_lifecycle_errors(client: LocalClient) -> None:
     client.create_collection("one", encoder=None, dim=8, codec="fp32")
     with pytest.raises(AlreadyExistsError):
         client.create_collection("one", encoder=None, dim=8, codec="fp32")
-    assert client.create_collection("one", encoder=None, dim=8, exist_ok=True).name == "one"
+    assert client.create_collection("one", encoder=None, dim=8, codec="fp32", exist_ok=True).name == "one"
     with pytest.raises(NotFoundError, match="nope"):
         client.get_collection("nope")
     client.drop_collection("one")
@@ -174,3 +174,17 @@ def test_fit_codec_on_a_sample_converts_staged_vectors(client: LocalClient,
     col.fit_codec(vecs)
     assert col.codec.fitted and col.index.codes().shape == (10, 64)
     assert col.search(vecs[4], k=1)[0].id == ids[4]
+
+
+def test_exist_ok_checks_settings_and_dropped_handles_fail_cleanly(client: LocalClient) -> None:
+    col = client.create_collection("s", encoder=None, dim=8, codec="fp16")
+    assert client.create_collection("s", encoder=None, dim=8, codec="fp16", exist_ok=True) is col
+    for kwargs, problem in (({"dim": 16}, "dim 8"), ({"codec": "int8"}, "codec"),
+                            ({"encoder": "all-MiniLM-L6-v2"}, "encoder")):
+        with pytest.raises(AlreadyExistsError, match=problem):
+            client.create_collection("s", **{"encoder": None, "dim": 8, "codec": "fp16", **kwargs}, exist_ok=True)
+    col.upsert(["a"], vectors=np.ones((1, 8)))
+    client.drop_collection("s")
+    for call in (col.count, lambda: col.search(np.ones(8), k=1), lambda: col.upsert(["b"], vectors=np.ones((1, 8)))):
+        with pytest.raises(NotFoundError, match="dropped"):
+            call()

