@@ -1,6 +1,7 @@
 """nestvec: compressed Matryoshka embeddings on disk, searchable from Python and the CLI."""
 
 from nestvec.client import connect
+from nestvec.client.aio import aconnect
 from nestvec.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -13,5 +14,5 @@ from nestvec.version import __version__
 
 __all__ = [
     "AlreadyExistsError", "CollectionConfig", "EncoderIdentity", "FailedPreconditionError", "Hit",
-    "InvalidArgumentError", "NestvecError", "NotFoundError", "Record", "__version__", "connect",
+    "InvalidArgumentError", "NestvecError", "NotFoundError", "Record", "__version__", "aconnect", "connect",
 ]
