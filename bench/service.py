@@ -78,9 +78,9 @@ def load_passages(n: int) -> tuple[list[str], list[str]]:
 
 def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, rate: float, ready: Any,
                   out: Any) -> None:
-    """One client process. rate 0: search back to back (closed loop). rate > 0: send on a fixed
-    schedule of `rate` searches/s and time each from its scheduled start, so queueing counts
-    (no coordinated omission)."""
+    """One client process. rate 0: search back to back (closed loop). rate > 0: Poisson arrivals at
+    `rate` searches/s, each timed from its scheduled arrival, so queueing counts (no coordinated
+    omission)."""
     from nestvec.client.remote import RemoteClient
 
     client = RemoteClient(url, api_key=API_KEY)
@@ -90,8 +90,11 @@ def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, ra
     latencies, results = [], []
     i, begin = offset, time.perf_counter()
     stop = begin + seconds
+    # Open loop: Poisson arrivals (seeded per client), so clients do not fire in lockstep bursts.
+    arrivals = begin + np.cumsum(np.random.default_rng(offset).exponential(1 / rate, int(rate * seconds * 2) + 10)) \
+        if rate else None
     while True:
-        start = begin + (i - offset) / rate if rate else time.perf_counter()
+        start = float(arrivals[i - offset]) if arrivals is not None else time.perf_counter()
         if start >= stop:
             break
         while time.perf_counter() < start:
