@@ -1,0 +1,103 @@
+"""SPANN-like index on a real slice of wiki250k: build, replicas, pruning, search, reopen, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+
+from nestvec.compression import make_codec
+from nestvec.errors import InvalidArgumentError
+from nestvec.index.centroids import ClusteringConfig, balanced_kmeans
+from nestvec.index.spann import SpannConfig, SpannIndex, assign_with_replicas
+from realdata import DATA
+
+N = 20_000
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    base = np.load(DATA / "wiki250k" / "minilm_base150k_fp16.npy", mmap_mode="r")[:N].astype(np.float32)
+    queries = np.load(DATA / "wiki250k" / "minilm_queries_fp16.npy")[:200].astype(np.float32)
+    exact = np.argsort(-(queries @ base.T), axis=1)[:, :10]
+    return base, queries, exact
+
+
+@pytest.fixture(scope="module")
+def built(data: tuple[np.ndarray, np.ndarray, np.ndarray],
+          tmp_path_factory: pytest.TempPathFactory) -> tuple[SpannIndex, Path]:
+    base, _, _ = data
+    folder = tmp_path_factory.mktemp("spann")
+    env = lmdb.open(str(folder / "postings.lmdb"), map_size=1 << 30, max_dbs=4, readahead=False)
+    codec = make_codec("int8", 384).fit(base[:4096])
+    index = SpannIndex.build(base, np.arange(N) * 10 + 7, codec, env, SpannConfig(posting_limit=64))
+    index.save(folder)
+    return index, folder
+
+
+def _recall(ids: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([len({(i - 7) // 10 for i in row} & set(truth)) / 10 for row, truth in zip(ids, exact, strict=True)]))
+
+
+def test_balanced_kmeans_respects_the_posting_limit(data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    labels, centroids = balanced_kmeans(data[0][:5000], ClusteringConfig(posting_limit=50))
+    sizes = np.bincount(labels)
+    assert sizes.max() <= 50 and sizes.sum() == 5000 and len(centroids) == len(sizes) >= 100
+
+
+def test_replicas_follow_closure_and_rng_rules(built: tuple[SpannIndex, Path],
+                                               data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    index, _ = built
+    base = data[0][:2000]
+    assigned = assign_with_replicas(base, index.centroids, index.config)
+    count = (assigned >= 0).sum(axis=1)
+    assert count.min() >= 1 and count.max() <= 1 + index.config.replicas and count.mean() > 1.5
+    # the first list is the nearest centroid; replicas are within (1 + eps1) of it
+    c = index.centroids.centroids
+    d_first = np.linalg.norm(base - c[assigned[:, 0]], axis=1)
+    nearest = np.min(np.linalg.norm(base[:, None, :] - c[None, :, :], axis=2), axis=1)
+    assert np.allclose(d_first, nearest, atol=1e-4)
+    for p in range(1, assigned.shape[1]):
+        rows = assigned[:, p] >= 0
+        d_rep = np.linalg.norm(base[rows] - c[assigned[rows, p]], axis=1)
+        assert np.all(d_rep <= (1 + index.config.eps1) * d_first[rows] + 1e-5)
+    # stricter RNG keeps fewer replicas
+    strict = assign_with_replicas(base, index.centroids, SpannConfig(rng_factor=1.0))
+    assert (strict >= 0).sum() < (assigned >= 0).sum()
+    assert index.stats()["entries"] > N
+
+
+def test_search_recall_and_pruning(built: tuple[SpannIndex, Path],
+                                   data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    index, _ = built
+    _, queries, exact = data
+    _, ids = index.search(queries, 10, nprobe=32)
+    _, wider = index.search(queries, 10, nprobe=96)
+    assert 0.85 <= _recall(ids, exact) < _recall(wider, exact)
+    assert _recall(wider, exact) >= 0.95
+    assert len({tuple(sorted(row)) for row in ids}) > 150 and all(len(set(row)) == 10 for row in ids)  # no duplicates
+    _, narrow = index.search(queries, 10, nprobe=32, eps2=0.0)  # prune to the nearest list only
+    assert _recall(narrow, exact) < _recall(ids, exact)
+    scores, _ = index.search(queries[:5], 10, nprobe=32)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)
+
+
+def test_reopen_gives_the_same_results(built: tuple[SpannIndex, Path],
+                                       data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+    index, folder = built
+    reopened = SpannIndex.load(folder, index.codec, index.postings.env)
+    a = index.search(data[1][:50], 10)
+    b = reopened.search(data[1][:50], 10)
+    assert np.array_equal(a[1], b[1]) and np.allclose(a[0], b[0])
+
+
+@pytest.mark.parametrize(("queries", "k", "field"), [
+    (np.ones((1, 383)), 10, "queries"), (np.full((1, 384), np.nan), 10, "queries"),
+    (np.ones((1, 384)), 0, "k"), (np.ones((1, 384)), -3, "k"),
+])
+def test_bad_input(built: tuple[SpannIndex, Path], queries: np.ndarray, k: int, field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        built[0].search(queries, k)
+    assert err.value.field == field
