@@ -38,6 +38,24 @@ class ResourceExhaustedError(NestvecError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+class UnauthenticatedError(NestvecError):
+    """Missing or unknown API key (remote only)."""
+
+    grpc_status = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(NestvecError):
+    """A read-only key asked for a write (remote only)."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class UnavailableError(NestvecError):
+    """The server could not be reached, after retries (remote only)."""
+
+    grpc_status = "UNAVAILABLE"
+
+
 def invalid(field: str, problem: str) -> InvalidArgumentError:
     """An InvalidArgumentError whose message starts with the offending field."""
     return InvalidArgumentError(f"{field}: {problem}", field=field)

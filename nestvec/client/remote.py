@@ -24,30 +24,13 @@ ERROR_CLASS_KEY = "nestvec-error"
 DEFAULT_MESSAGE_BYTES = 64 << 20
 T = TypeVar("T")
 
+# Every error class owns its status name; map a bare status back to its class.
 _BY_STATUS: dict[grpc.StatusCode, type[NestvecError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgumentError,
-    grpc.StatusCode.NOT_FOUND: errors.NotFoundError,
-    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExistsError,
-    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPreconditionError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhaustedError,
+    getattr(grpc.StatusCode, cls.grpc_status): cls
+    for cls in (errors.InvalidArgumentError, errors.NotFoundError, errors.AlreadyExistsError,
+                errors.FailedPreconditionError, errors.ResourceExhaustedError, errors.UnauthenticatedError,
+                errors.PermissionDeniedError, errors.UnavailableError)
 }
-
-
-class UnauthenticatedError(NestvecError):
-    grpc_status = "UNAUTHENTICATED"
-
-
-class PermissionDeniedError(NestvecError):
-    grpc_status = "PERMISSION_DENIED"
-
-
-class UnavailableError(NestvecError):
-    grpc_status = "UNAVAILABLE"
-
-
-_BY_STATUS.update({grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
-                   grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
-                   grpc.StatusCode.UNAVAILABLE: UnavailableError})
 
 
 def error_from_rpc(err: grpc.RpcError) -> Exception:

@@ -14,9 +14,9 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from nestvec.client.remote import PermissionDeniedError, RemoteClient, UnauthenticatedError
+from nestvec.client.remote import RemoteClient
 from nestvec.collection import Collection
-from nestvec.errors import InvalidArgumentError, ResourceExhaustedError
+from nestvec.errors import InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
 from realdata import shipped_embeddings
 from servers import ADMIN_KEY, READER_KEY, RunningServer
