@@ -187,6 +187,7 @@ def child(kind: str, knob: int) -> dict[str, Any]:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -198,7 +199,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for r in mine:
             ax.annotate(str(r["knob"]), (r["p50_ms"], r["recall@10"]), fontsize=7, xytext=(3, -8),
                         textcoords="offset points")
-    ax.set(xscale="log", xlabel="single-query p50 latency, warm (ms, log)", ylabel="recall@10",
+    ticks = [0.2, 0.5, 1, 2, 5, 10]
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set(xlabel="single-query p50 latency, warm (ms, log)", ylabel="recall@10",
            title="wiki250k: 150k MiniLM vectors, 1,000 queries, 1 thread (labels: nprobe)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
