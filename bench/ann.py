@@ -74,7 +74,7 @@ def build_all(base: np.ndarray) -> dict[str, float]:
         spann_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         codec.save(spann_dir / "codec")
-        env = lmdb.open(str(spann_dir / "postings.lmdb"), map_size=4 << 30, max_dbs=4, readahead=False)
+        env = lmdb.open(str(spann_dir / "postings.lmdb"), map_size=4 << 30, max_dbs=8, readahead=False)
         SpannIndex.build(base, np.arange(len(base)), codec, env, SpannConfig()).save(spann_dir)
         env.close()
         seconds["nestvec-spann"] = time.perf_counter() - start
@@ -120,7 +120,7 @@ def open_index(kind: str) -> Any:
         from nestvec.index.spann import SpannIndex
 
         folder = CACHE / kind
-        env = lmdb.open(str(folder / "postings.lmdb"), readonly=True, lock=False, max_dbs=4, readahead=False)
+        env = lmdb.open(str(folder / "postings.lmdb"), readonly=True, lock=False, max_dbs=8, readahead=False)
         return SpannIndex.load(folder, Codec.load(folder / "codec"), env)
     if kind == "nestvec-flat":
         from nestvec.compression import Codec

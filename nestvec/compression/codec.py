@@ -75,6 +75,10 @@ class Codec:
         """Approximate vectors in the coded space (after PCA / prefix)."""
         return self.quantizer.decode(self._check_codes(codes))
 
+    def reconstruct(self, codes: np.ndarray) -> np.ndarray:
+        """Approximate input-space vectors (what re-clustering needs when a posting list splits)."""
+        return self.transform.inverse(self.decode(codes))
+
     def _check_codes(self, codes: np.ndarray) -> np.ndarray:
         arr = np.asarray(codes)
         if arr.dtype != np.uint8 or arr.ndim != 2 or arr.shape[1] != self.bytes_per_vector:

@@ -25,6 +25,14 @@ class IdentityTransform:
     def apply_queries(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return q, np.zeros(len(q), dtype=np.float32)
 
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        """Back to the input space (approximately, where dimensions were dropped)."""
+        if self.out_dim == self.in_dim:
+            return y
+        out = np.zeros((len(y), self.in_dim), dtype=np.float32)
+        out[:, : self.out_dim] = y  # a prefix: the dropped tail is unknown
+        return out
+
     def state(self) -> tuple[Config, Arrays]:
         return {}, {}
 
@@ -92,6 +100,9 @@ class PCATransform:
             np.ascontiguousarray(q @ self.components.T, dtype=np.float32),
             (q @ self.mean).astype(np.float32),
         )
+
+    def inverse(self, y: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self.mean + y @ self.components, dtype=np.float32)
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {"components": self.components, "mean": self.mean}

@@ -62,6 +62,17 @@ class CentroidIndex:
         self._prefix = faiss.IndexFlatL2(prefix_dim)
         self._prefix.add(np.ascontiguousarray(self.centroids @ self.rotation[:prefix_dim].T))
 
+    def set(self, updates: dict[int, np.ndarray]) -> None:
+        """Replace or append centroids (list ids len(self), len(self)+1, ... append)."""
+        grow = max(updates) + 1 - len(self.centroids) if updates else 0
+        if grow > 0:
+            self.centroids = np.concatenate([self.centroids, np.zeros((grow, self.centroids.shape[1]), np.float32)])
+        for list_id, vector in updates.items():
+            self.centroids[list_id] = vector
+        self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
+        self._prefix.reset()
+        self._prefix.add(np.ascontiguousarray(self.centroids @ self.rotation[: self.prefix_dim].T))
+
     @classmethod
     def fit(cls, centroids: np.ndarray, prefix_dim: int) -> CentroidIndex:
         centered = centroids - centroids.mean(axis=0)

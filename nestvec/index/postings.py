@@ -36,6 +36,28 @@ class PostingStore:
     def __init__(self, env: lmdb.Environment, name: bytes = b"postings") -> None:
         self.env = env
         self.db = env.open_db(name)
+        # Centroids and tombstones live in the same environment, so a split or a delete commits
+        # together with the lists it changes.
+        self.centroid_db = env.open_db(name + b".centroids")
+        self.tombstone_db = env.open_db(name + b".tombstones")
+
+    def write_centroids(self, txn: lmdb.Transaction, centroids: Mapping[int, np.ndarray]) -> None:
+        for list_id, vector in centroids.items():
+            txn.put(list_key(list_id), np.ascontiguousarray(vector, dtype="<f4").tobytes(), db=self.centroid_db)
+
+    def read_centroids(self, dim: int) -> np.ndarray:
+        with self.env.begin() as txn:
+            rows = [np.frombuffer(v, dtype="<f4") for _, v in txn.cursor(db=self.centroid_db)]
+        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+
+    def add_tombstones(self, txn: lmdb.Transaction, ids: np.ndarray) -> None:
+        for vid in ids.tolist():
+            txn.put(struct.pack(">q", vid), b"", db=self.tombstone_db)
+
+    def read_tombstones(self) -> np.ndarray:
+        with self.env.begin() as txn:
+            keys = [struct.unpack(">q", k)[0] for k, _ in txn.cursor(db=self.tombstone_db)]
+        return np.array(sorted(keys), dtype=np.int64)
 
     def write(self, lists: Mapping[int, tuple[np.ndarray, np.ndarray]], txn: lmdb.Transaction | None = None) -> None:
         """Replace whole lists (in the caller's transaction when given, so it commits with the rest)."""

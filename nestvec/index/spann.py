@@ -40,6 +40,9 @@ class SpannConfig:
     prefix_dim: int = 64      # centroid search dims (AdANNS)
     nprobe: int = 64          # most lists probed per query
     eps2: float = 0.25        # query-aware pruning: probe j if d(q, c_j) <= (1 + eps2) d(q, c_1)
+    # Live inserts split a list past this many entries (replicas included; 0 = 3 x posting_limit,
+    # since built lists already hold ~2-3x their limit once boundary replicas are added).
+    split_limit: int = 0
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -77,8 +80,13 @@ def assign_with_replicas(vectors: np.ndarray, centroids: CentroidIndex, config: 
 
 
 class SpannIndex:
-    def __init__(self, codec: Codec, centroids: CentroidIndex, postings: PostingStore, config: SpannConfig) -> None:
+    """Ids are int64 and never reused after a delete (callers give a re-inserted document a new id),
+    so a tombstone set is the whole version map."""
+
+    def __init__(self, codec: Codec, centroids: CentroidIndex, postings: PostingStore, config: SpannConfig,
+                 tombstones: np.ndarray | None = None) -> None:
         self.codec, self.centroids, self.postings, self.config = codec, centroids, postings, config
+        self.tombstones = np.zeros(0, dtype=np.int64) if tombstones is None else tombstones
 
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, codec: Codec, env: lmdb.Environment,
@@ -101,8 +109,100 @@ class SpannIndex:
         postings = PostingStore(env)
         payload = {int(list_id): (ids[rows[lo:hi]], codes[rows[lo:hi]])
                    for list_id, (lo, hi) in enumerate(itertools.pairwise(bounds)) if hi > lo}
-        postings.write(payload)
+        with env.begin(write=True) as txn:
+            postings.write(payload, txn)
+            postings.write_centroids(txn, dict(enumerate(centroids.centroids)))
         return cls(codec, centroids, postings, config)
+
+    # -- live updates (SPFresh-style, without background rebalancing yet) ----------------------
+    def insert(self, vectors: np.ndarray, ids: np.ndarray) -> None:
+        """Append to each vector's lists (with replicas); a list past the split limit splits in two
+        and the vectors of both halves are reassigned against the new centroids (SPFresh's LIRE,
+        restricted to the split lists)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self.postings.env.begin(write=True) as txn:
+            lists = self._append(txn, self._lists_of(vectors), ids, self.codec.encode(vectors), {})
+            new_centroids = self._split_oversized(lists)
+            if new_centroids:
+                previous = self.centroids.centroids.copy()
+                self.centroids.set(new_centroids)
+                try:
+                    self._reassign(txn, lists, sorted(new_centroids))
+                except BaseException:
+                    self.centroids = CentroidIndex(previous, self.centroids.rotation, self.centroids.prefix_dim)
+                    raise
+            self.postings.write(lists, txn)
+            self.postings.write_centroids(txn, new_centroids)
+
+    def _lists_of(self, vectors: np.ndarray) -> np.ndarray:
+        return assign_with_replicas(vectors, self.centroids, self.config)
+
+    def _append(self, txn: lmdb.Transaction, assigned: np.ndarray, ids: np.ndarray, codes: np.ndarray,
+                lists: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """Add (ids, codes) to their assigned lists, reading each list once; purges tombstones on the way."""
+        size = self.codec.bytes_per_vector
+        rows = np.repeat(np.arange(len(ids)), assigned.shape[1])
+        flat = assigned.ravel()
+        rows, flat = rows[flat >= 0], flat[flat >= 0]
+        missing = [lid for lid in np.unique(flat).tolist() if lid not in lists]
+        for lid, old_ids, old_codes in self.postings.read(txn, missing, size):
+            live = ~np.isin(old_ids, self.tombstones)
+            lists[lid] = (old_ids[live].copy(), old_codes[live].copy())
+        for list_id in np.unique(flat).tolist():
+            mine = rows[flat == list_id]
+            old_ids, old_codes = lists.get(list_id, (np.zeros(0, np.int64), np.zeros((0, size), np.uint8)))
+            fresh = mine[~np.isin(ids[mine], old_ids)]
+            lists[list_id] = (np.concatenate([old_ids, ids[fresh]]), np.concatenate([old_codes, codes[fresh]]))
+        return lists
+
+    def _reassign(self, txn: lmdb.Transaction, lists: dict[int, tuple[np.ndarray, np.ndarray]],
+                  split: list[int]) -> None:
+        """Members of split lists stay only where their new assignment puts them, and join the
+        other lists it names."""
+        members_ids = np.concatenate([lists[lid][0] for lid in split])
+        members_codes = np.concatenate([lists[lid][1] for lid in split])
+        members_ids, first = np.unique(members_ids, return_index=True)
+        members_codes = members_codes[first]
+        assigned = self._lists_of(self.codec.reconstruct(members_codes))
+        for lid in split:
+            ids, codes = lists[lid]
+            wanted = members_ids[(assigned == lid).any(axis=1)]
+            keep = np.isin(ids, wanted)
+            lists[lid] = (ids[keep], codes[keep])
+        self._append(txn, assigned, members_ids, members_codes, lists)
+
+    def _split_oversized(self, lists: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, np.ndarray]:
+        """Balanced 2-means on each list past the split limit: it keeps one half, a new list takes the other."""
+        import faiss
+
+        updates: dict[int, np.ndarray] = {}
+        next_id = len(self.centroids)
+        limit = self.config.split_limit or 3 * self.config.posting_limit
+        for list_id in [lid for lid, (i, _) in lists.items() if len(i) > limit]:
+            ids, codes = lists[list_id]
+            vectors = self.codec.reconstruct(codes)
+            kmeans = faiss.Kmeans(vectors.shape[1], 2, niter=10, seed=self.config.seed + next_id)
+            kmeans.train(vectors)
+            # balance: order by (distance to centroid 0 - distance to 1) and cut in the middle
+            d = ((vectors[:, None, :] - np.asarray(kmeans.centroids)[None]) ** 2).sum(axis=2)
+            first, second = np.flatnonzero(d[:, 0] <= d[:, 1]), np.flatnonzero(d[:, 0] > d[:, 1])
+            if not len(first) or not len(second):  # degenerate: fall back to a balanced cut
+                order = np.argsort(d[:, 0] - d[:, 1], kind="stable")
+                first, second = order[: len(order) // 2], order[len(order) // 2:]
+            lists[list_id] = (ids[first], codes[first])
+            lists[next_id] = (ids[second], codes[second])
+            updates[list_id] = vectors[first].mean(axis=0)
+            updates[next_id] = vectors[second].mean(axis=0)
+            next_id += 1
+        return updates
+
+    def delete(self, ids: np.ndarray) -> None:
+        """Tombstone ids: never returned again; purged from a list when it is next rewritten."""
+        ids = np.asarray(ids, dtype=np.int64)
+        with self.postings.env.begin(write=True) as txn:
+            self.postings.add_tombstones(txn, ids)
+        self.tombstones = np.union1d(self.tombstones, ids)
 
     def stats(self) -> dict[str, Any]:
         with self.postings.env.begin() as txn:
@@ -134,25 +234,29 @@ class SpannIndex:
                     continue
                 ids = np.concatenate([p[1] for p in parts])
                 scores = self.codec.scores(queries[qi:qi + 1], np.concatenate([p[2] for p in parts]))[0]
+                if len(self.tombstones):
+                    scores = np.where(np.isin(ids, self.tombstones), -np.inf, scores).astype(np.float32)
                 # A vector sits in at most 1 + replicas lists, so the best k * (1 + replicas) hold k distinct ids.
                 wide = min(len(ids), k * (1 + self.config.replicas))
                 top = np.argpartition(-scores, wide - 1)[:wide] if wide < len(ids) else np.arange(len(ids))
                 order = top[np.lexsort((ids[top], -scores[top]))]
                 _, first = np.unique(ids[order], return_index=True)  # replicas: keep each id once
                 keep = order[np.sort(first)[:k]]
+                keep = keep[np.isfinite(scores[keep])]
                 best_scores[qi, : len(keep)] = scores[keep]
                 best_ids[qi, : len(keep)] = ids[keep]
         return best_scores, best_ids
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        save_npy(folder / "centroids.npy", self.centroids.centroids)
+        """The static parts (rotation, config); centroids and tombstones live in LMDB with the lists."""
         save_npy(folder / "rotation.npy", self.centroids.rotation)
-        write_json(folder / "spann.json", {**self.config.to_json(), "lists": len(self.centroids)})
+        write_json(folder / "spann.json", self.config.to_json())
 
     @classmethod
     def load(cls, folder: Path, codec: Codec, env: lmdb.Environment) -> SpannIndex:
-        config = SpannConfig.from_json({k: v for k, v in read_json(folder / "spann.json").items() if k != "lists"})
-        centroids = CentroidIndex(load_npy(folder / "centroids.npy"), load_npy(folder / "rotation.npy"),
+        config = SpannConfig.from_json(read_json(folder / "spann.json"))
+        postings = PostingStore(env)
+        centroids = CentroidIndex(postings.read_centroids(codec.dim), load_npy(folder / "rotation.npy"),
                                   config.prefix_dim)
-        return cls(codec, centroids, PostingStore(env), config)
+        return cls(codec, centroids, postings, config, postings.read_tombstones())
