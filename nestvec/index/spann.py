@@ -182,18 +182,23 @@ class SpannIndex:
         for list_id in [lid for lid, (i, _) in lists.items() if len(i) > limit]:
             ids, codes = lists[list_id]
             vectors = self.codec.reconstruct(codes)
-            kmeans = faiss.Kmeans(vectors.shape[1], 2, niter=10, seed=self.config.seed + next_id)
-            kmeans.train(vectors)
-            # balance: order by (distance to centroid 0 - distance to 1) and cut in the middle
-            d = ((vectors[:, None, :] - np.asarray(kmeans.centroids)[None]) ** 2).sum(axis=2)
+            # Cluster the list's own members (nearest centroid is this list), not the boundary
+            # replicas it holds for its neighbours: as at build time, a centroid is the mean of
+            # its primaries, not pulled toward the boundaries.
+            primary = self.centroids.search(vectors, 1)[1][:, 0] == list_id
+            core = vectors[primary] if primary.sum() >= 4 else vectors
+            kmeans = faiss.Kmeans(vectors.shape[1], 2, niter=10, seed=self.config.seed + next_id,
+                                  min_points_per_centroid=1)
+            kmeans.train(core)
+            centres = np.asarray(kmeans.centroids)
+            d = ((vectors[:, None, :] - centres[None]) ** 2).sum(axis=2)
             first, second = np.flatnonzero(d[:, 0] <= d[:, 1]), np.flatnonzero(d[:, 0] > d[:, 1])
             if not len(first) or not len(second):  # degenerate: fall back to a balanced cut
                 order = np.argsort(d[:, 0] - d[:, 1], kind="stable")
                 first, second = order[: len(order) // 2], order[len(order) // 2:]
             lists[list_id] = (ids[first], codes[first])
             lists[next_id] = (ids[second], codes[second])
-            updates[list_id] = vectors[first].mean(axis=0)
-            updates[next_id] = vectors[second].mean(axis=0)
+            updates[list_id], updates[next_id] = centres[0], centres[1]
             next_id += 1
         return updates
 
