@@ -5,13 +5,40 @@ A list costs one read, zero-copy through LMDB's memory map (read inside the tran
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import struct
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import lmdb
 import numpy as np
 
 _HEADER = struct.Struct("<I")
+_PAGE = mmap.PAGESIZE
+_MADV_WILLNEED = 3
+_madvise: Any = None
+try:
+    _madvise = ctypes.CDLL(None, use_errno=True).madvise
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+except (OSError, AttributeError):  # not Linux / no libc symbol: reads still work, one fault at a time
+    _madvise = None
+
+
+def prefetch(blobs: list[memoryview]) -> None:
+    """Ask the kernel for every list's pages at once (MADV_WILLNEED on the LMDB map).
+
+    With LMDB's readahead off (right for random reads under a memory cap), touching a 70 KB value
+    faults in one 4 KB page at a time; hinting each whole value first turns that into one read
+    per list, issued together."""
+    if _madvise is None:
+        return
+    for blob in blobs:
+        if not len(blob):
+            continue
+        address = np.frombuffer(blob, dtype=np.uint8).ctypes.data
+        start = address - address % _PAGE
+        _madvise(start, address + len(blob) - start, _MADV_WILLNEED)
 
 
 def list_key(list_id: int) -> bytes:
@@ -70,10 +97,10 @@ class PostingStore:
 
     def read(self, txn: lmdb.Transaction, list_ids: Iterable[int],
              code_size: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
-        out = []
+        found: list[tuple[int, Any]] = []
         for list_id in list_ids:
             blob = txn.get(list_key(int(list_id)), db=self.db)
             if blob is not None:
-                ids, codes = unpack_list(blob, code_size)
-                out.append((int(list_id), ids, codes))
-        return out
+                found.append((int(list_id), blob))
+        prefetch([blob for _, blob in found if isinstance(blob, memoryview)])
+        return [(list_id, *unpack_list(blob, code_size)) for list_id, blob in found]
