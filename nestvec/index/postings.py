@@ -25,6 +25,11 @@ except (OSError, AttributeError):  # not Linux / no libc symbol: reads still wor
     _madvise = None
 
 
+def _willneed(address: int, length: int) -> None:
+    start = address - address % _PAGE
+    _madvise(start, address + length - start, _MADV_WILLNEED)
+
+
 def prefetch(blobs: list[memoryview]) -> None:
     """Ask the kernel for every list's pages at once (MADV_WILLNEED on the LMDB map).
 
@@ -34,11 +39,8 @@ def prefetch(blobs: list[memoryview]) -> None:
     if _madvise is None:
         return
     for blob in blobs:
-        if not len(blob):
-            continue
-        address = np.frombuffer(blob, dtype=np.uint8).ctypes.data
-        start = address - address % _PAGE
-        _madvise(start, address + len(blob) - start, _MADV_WILLNEED)
+        if len(blob):
+            _willneed(np.frombuffer(blob, dtype=np.uint8).ctypes.data, len(blob))
 
 
 def list_key(list_id: int) -> bytes:
@@ -67,6 +69,9 @@ class PostingStore:
         # together with the lists it changes.
         self.centroid_db = env.open_db(name + b".centroids")
         self.tombstone_db = env.open_db(name + b".tombstones")
+        # Where each list's bytes sat in the map when last read. Only used as madvise hints issued
+        # before LMDB's own lookups fault pages one by one; a stale entry is a harmless wrong hint.
+        self._where: dict[int, tuple[int, int]] = {}
 
     def write_centroids(self, txn: lmdb.Transaction, centroids: Mapping[int, np.ndarray]) -> None:
         for list_id, vector in centroids.items():
@@ -97,10 +102,18 @@ class PostingStore:
 
     def read(self, txn: lmdb.Transaction, list_ids: Iterable[int],
              code_size: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        list_ids = [int(list_id) for list_id in list_ids]
+        if _madvise is not None:
+            for list_id in list_ids:
+                if list_id in self._where:
+                    _willneed(*self._where[list_id])
         found: list[tuple[int, Any]] = []
         for list_id in list_ids:
             blob = txn.get(list_key(int(list_id)), db=self.db)
             if blob is not None:
                 found.append((int(list_id), blob))
-        prefetch([blob for _, blob in found if isinstance(blob, memoryview)])
+        views = [(list_id, blob) for list_id, blob in found if isinstance(blob, memoryview) and len(blob)]
+        prefetch([blob for _, blob in views])
+        for list_id, blob in views:
+            self._where[list_id] = (np.frombuffer(blob, dtype=np.uint8).ctypes.data, len(blob))
         return [(list_id, *unpack_list(blob, code_size)) for list_id, blob in found]
