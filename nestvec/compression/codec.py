@@ -99,10 +99,10 @@ class Codec:
             block = self.quantizer.block_scores(prepared, codes[start:start + block_rows])
             yield start, block + offset[:, None]
 
-    def scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    def scores(self, queries: np.ndarray, codes: np.ndarray, block_rows: int = BLOCK_ROWS) -> np.ndarray:
         """Approximate inner products [nq, n] of float queries with coded vectors."""
         out = np.empty((len(queries), len(codes)), dtype=np.float32)
-        for start, block in self.iter_scores(queries, codes):
+        for start, block in self.iter_scores(queries, codes, block_rows):
             out[:, start:start + block.shape[1]] = block
         return out
 

@@ -239,8 +239,8 @@ class SpannIndex:
                     continue
                 ids = np.concatenate([p[1] for p in parts])
                 # small blocks: the float32 copy of a block stays a few MB even under a memory cap
-                scores = np.concatenate([block[0] for _, block in self.codec.iter_scores(
-                    queries[qi:qi + 1], np.concatenate([p[2] for p in parts]), block_rows=2048)])
+                scores = self.codec.scores(queries[qi:qi + 1], np.concatenate([p[2] for p in parts]),
+                                           block_rows=2048)[0]
                 if len(self.tombstones):
                     scores = np.where(np.isin(ids, self.tombstones), -np.inf, scores).astype(np.float32)
                 # A vector sits in at most 1 + replicas lists, so the best k * (1 + replicas) hold k distinct ids.

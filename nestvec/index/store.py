@@ -138,10 +138,6 @@ class LmdbStore:
             raise RuntimeError(f"{self.path}: missing rescoring codes")
         return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(keys), code_size)
 
-    def count(self) -> int:
-        with self.env.begin() as txn:
-            return int(txn.stat(self._codes)["entries"])
-
     def disk_bytes(self) -> int:
         """Bytes of the LMDB file in use (the file itself may be sparse up to the map size)."""
         return int((self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"])
