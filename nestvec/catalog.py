@@ -26,7 +26,8 @@ def check_name(name: str) -> str:
     return name
 
 
-def _differences(existing: Collection, encoder: Encoder | str | None, dim: int | None, codec: str) -> list[str]:
+def _differences(existing: Collection, encoder: Encoder | str | None, dim: int | None, codec: str,
+                 index: str) -> list[str]:
     """What an exist_ok create asked for that the existing collection does not have."""
     config, out = existing.config, []
     if isinstance(encoder, str):
@@ -42,6 +43,8 @@ def _differences(existing: Collection, encoder: Encoder | str | None, dim: int |
         out.append(f"dim {config.dim}, not {dim}")
     if make_codec(codec, config.dim).spec != config.codec:
         out.append(f"codec {config.codec!r}, not {codec!r}")
+    if index != config.index:
+        out.append(f"index {config.index!r}, not {index!r}")
     return out
 
 
@@ -58,7 +61,7 @@ class Catalog:
         return self.root / check_name(name)
 
     def create_collection(self, name: str, *, encoder: Encoder | str | None = BUNDLED_MODEL,
-                          dim: int | None = None, codec: str = DEFAULT_CODEC,
+                          dim: int | None = None, codec: str = DEFAULT_CODEC, index: str = "auto",
                           exist_ok: bool = False) -> Collection:
         """Create a collection; built in a hidden folder then renamed, so it appears whole or not at all."""
         folder = self._folder(name)
@@ -67,7 +70,7 @@ class Catalog:
                 if not exist_ok:
                     raise AlreadyExistsError(f"collection {name!r} already exists")
                 existing = self._get_locked(name)
-                differences = _differences(existing, encoder, dim, codec)
+                differences = _differences(existing, encoder, dim, codec, index)
                 if differences:
                     raise AlreadyExistsError(
                         f"collection {name!r} exists with other settings: {'; '.join(differences)}")
@@ -75,7 +78,7 @@ class Catalog:
             enc = load_encoder(encoder) if isinstance(encoder, str) else encoder
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
             try:
-                Collection.create(staging, name, encoder=enc, dim=dim, codec=codec).close()
+                Collection.create(staging, name, encoder=enc, dim=dim, codec=codec, index=index).close()
                 os.rename(staging, folder)
                 fsync_dir(self.root)
             finally:

@@ -33,7 +33,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         if args.codec and args.codec != collection.codec.spec:
             raise invalid("codec", f"collection {args.collection!r} already uses {collection.codec.spec!r}")
     except NotFoundError:
-        collection = client.create_collection(args.collection, encoder=encoder, codec=args.codec or DEFAULT_CODEC)
+        collection = client.create_collection(args.collection, encoder=encoder, codec=args.codec or DEFAULT_CODEC,
+                                              index=args.index)
     summary = ingest_documents(collection, documents, batch_size=args.batch_size)
     print(json.dumps({"collection": args.collection, "count": collection.count(), **asdict(summary)}))
     return 0
@@ -42,7 +43,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     collection = _client(args).get_collection(args.collection)
     filt = json.loads(args.filter) if args.filter else None
-    for rank, hit in enumerate(collection.search(args.query, k=args.k, filter=filt), start=1):
+    for rank, hit in enumerate(collection.search(args.query, k=args.k, filter=filt, nprobe=args.nprobe), start=1):
         text = textwrap.shorten(hit.text or "", width=args.width, placeholder=" ...")
         print(f"{rank:>3}. {hit.score:.4f}  [{hit.id}]  {text}")
     return 0
@@ -108,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default=None, help=f"codec spec, e.g. fp8, int8, pca192+fp8 (default {DEFAULT_CODEC})")
     p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="bundled model name or a local model folder")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
+                   help="vector index of a new collection (auto: flat while small, SPANN from 20,000 vectors)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--limit", type=int, default=0, help="only the first N documents")
     p.set_defaults(func=cmd_ingest)
@@ -117,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("-k", type=int, default=10)
     p.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"year": {"$gte": 2020}}\'')
+    p.add_argument("--nprobe", type=int, default=None, help="SPANN: most posting lists read per query")
     p.add_argument("--width", type=int, default=110)
     p.set_defaults(func=cmd_search)
 

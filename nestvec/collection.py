@@ -1,16 +1,22 @@
 """A collection: the one place that composes encoder + codec + index + storage.
 
-LMDB is the source of truth; the in-RAM flat index and metadata columns are rebuilt from it on
-open and updated only after a write transaction has committed.
+LMDB is the source of truth. Small collections search a flat index of all codes in RAM, rebuilt
+from LMDB on open. Large ones (or any, by choice) use the SPANN index, whose posting lists live
+in the same LMDB environment and change in the same write transaction as the documents; only
+its centroids, the id map, metadata columns and a small write buffer are in RAM. In-RAM state
+changes only after a write transaction has committed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import struct
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import numpy as np
 
 from nestvec.compression import Codec, make_codec
@@ -18,12 +24,16 @@ from nestvec.concurrency import ReadWriteLock
 from nestvec.encoders import Encoder, load_encoder
 from nestvec.errors import FailedPreconditionError, NotFoundError, invalid
 from nestvec.fsutil import read_json, write_json
+from nestvec.index.buffered import BufferedSpann
 from nestvec.index.filters import MetadataTable
 from nestvec.index.flat import FlatIndex
+from nestvec.index.postings import PostingStore
+from nestvec.index.spann import SpannConfig, SpannIndex
 from nestvec.index.store import LmdbStore, Put
 from nestvec.index.topk import rerank
 from nestvec.types import CollectionConfig, Hit, JSONDict, Record
 
+log = logging.getLogger(__name__)
 MAX_K = 10_000
 # Until a codec that needs fitting has this many vectors (or fit_codec() is called), vectors are
 # kept as exact float32 "staged" codes; then the codec is fitted on all of them and they are
@@ -36,6 +46,18 @@ DEFAULT_RESCORE_FACTOR = 4
 CONFIG_FILE = "collection.json"
 CODEC_DIR = "codec"
 STORE_DIR = "data.lmdb"
+INDEX_DIR = "index"
+INDEX_KINDS = ("auto", "flat", "spann")
+# "auto" moves a collection from the flat scan to SPANN at this size: below it a scan of all
+# codes in RAM is fast and exact; above it RAM and latency grow with every vector.
+SPANN_AUTO_MIN = 20_000
+FLUSH_ROWS = 4096          # write buffer size before it is flushed into the posting lists
+REBUILD_GROWTH = 2.0       # rebuild the clustering when the collection has grown this much since
+PURGE_FRACTION = 0.1       # rewrite lists holding tombstones once deletes reach this share
+# A filter letting through at most this many vectors (or this share) is answered by an exact scan
+# of just those codes; a looser one probes proportionally more lists.
+FILTER_SCAN_MAX, FILTER_SCAN_SHARE, MAX_FILTER_WIDEN = 8192, 0.05, 4
+INDEX_KIND, NEXT_VID, FLUSHED_UPTO, BUILT_COUNT = b"index_kind", b"next_vid", b"flushed_upto", b"built_count"
 
 IdLike = str | int
 QueryLike = str | Sequence[float] | np.ndarray
@@ -97,6 +119,18 @@ def _check_vectors(vectors: Any, dim: int, field: str) -> np.ndarray:
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
+def _pack(value: int) -> bytes:
+    return struct.pack(">q", value)
+
+
+def _check_nprobe(nprobe: int | None) -> int | None:
+    if nprobe is None or nprobe == 0:
+        return None
+    if isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or not 1 <= nprobe <= 65_536:
+        raise invalid("nprobe", f"must be an integer between 1 and 65536, got {nprobe!r}")
+    return int(nprobe)
+
+
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
         raise invalid("k", f"must be an integer between 1 and {MAX_K}, got {k!r}")
@@ -117,6 +151,7 @@ class Collection:
         self._closed: str | None = None
         self._staging_codec = make_codec("fp32", self.config.dim)
         self.store = LmdbStore(folder / STORE_DIR)
+        self.postings = PostingStore(self.store.env)  # opened up front: not possible inside a write
         codes_format = self.store.get_meta(CODES_FORMAT)
         if codes_format is None:
             codes_format = ENCODED if self.codec.fitted else STAGED
@@ -129,8 +164,10 @@ class Collection:
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
     def create(cls, folder: Path, name: str, *, encoder: Encoder | None, dim: int | None,
-               codec: str) -> Collection:
+               codec: str, index: str = "auto") -> Collection:
         """Write the config and (unfitted) codec into `folder`, which must not exist yet."""
+        if index not in INDEX_KINDS:
+            raise invalid("index", f"must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
         if encoder is not None:
             if dim is not None and dim != encoder.dim:
                 raise invalid("dim", f"encoder {encoder.identity.model} makes {encoder.dim}-d vectors, not {dim}")
@@ -139,7 +176,7 @@ class Collection:
             raise invalid("dim", "a collection without an encoder needs a positive integer dim")
         spec = make_codec(codec, dim)
         config = CollectionConfig(name=name, dim=dim, codec=spec.spec,
-                                  encoder=encoder.identity if encoder else None)
+                                  encoder=encoder.identity if encoder else None, index=index)
         spec.save(folder / CODEC_DIR)
         write_json(folder / CONFIG_FILE, config.to_json())
         return cls(folder, encoder=encoder)
@@ -171,11 +208,43 @@ class Collection:
     def _load_index(self) -> None:
         self.index = FlatIndex(self.scan_codec)
         self.metadata = MetadataTable()
+        self.spann: BufferedSpann | None = None
+        self._deleted_since_purge = 0
+        if self.store.get_meta(INDEX_KIND) == b"spann":
+            self._load_spann()
+            return
         keys, documents, codes = self.store.load(self.scan_codec.bytes_per_vector)
         self._ids: list[str] = [k.decode() for k in keys]
         self._row_of: dict[str, int] = {key: row for row, key in enumerate(self._ids)}
         self.index.append(codes)
         self.metadata.append([json.loads(d).get("metadata", {}) for d in documents])
+
+    def _meta_int(self, key: bytes) -> int:
+        raw = self.store.get_meta(key)
+        return 0 if raw is None else int(struct.unpack(">q", raw)[0])
+
+    def _load_spann(self) -> None:
+        """Ids and metadata into RAM; codes stay on disk except the unflushed buffer's."""
+        keys, documents, vids = self.store.load_keyed()
+        next_vid, base = self._meta_int(NEXT_VID), self._meta_int(FLUSHED_UPTO)
+        self._ids = [""] * next_vid
+        metas: list[JSONDict] = [{} for _ in range(next_vid)]
+        for key, doc, vid in zip(keys, documents, vids.tolist(), strict=True):
+            self._ids[vid] = key.decode()
+            metas[vid] = json.loads(doc).get("metadata", {})
+        self._row_of = {self._ids[vid]: vid for vid in vids.tolist()}
+        self.metadata.append(metas)
+        live = np.zeros(next_vid, dtype=bool)
+        live[vids] = True
+        self.metadata.remove(np.flatnonzero(~live))
+        spann = SpannIndex.load(self.folder / INDEX_DIR, self.codec, self.postings)
+        self.spann = BufferedSpann(spann, self.codec, base)
+        pending = np.flatnonzero(live[base:])  # buffer rows still to flush
+        codes = np.zeros((next_vid - base, self.codec.bytes_per_vector), dtype=np.uint8)
+        codes[pending] = self.store.get_codes([self._ids[v].encode() for v in (pending + base).tolist()],
+                                              self.codec.bytes_per_vector)
+        self.spann.add(np.arange(base, next_vid), codes)
+        self.spann.buffer.remove(np.flatnonzero(~live[base:]))
 
     @property
     def name(self) -> str:
@@ -232,23 +301,133 @@ class Collection:
         with self._lock.write():
             codes = self.scan_codec.encode(vecs)
             rescore = self.codec.rescore.encode(vecs) if self.codec.rescore and not self._staged else None
+            first = len(self._ids)
+            keep_vids = self.spann is not None
             puts = [
                 Put(key.encode(),
                     json.dumps({"text": texts[i] if texts is not None else None, "metadata": metas[i]}).encode(),
-                    codes[i].tobytes(), None if rescore is None else rescore[i].tobytes())
+                    codes[i].tobytes(), None if rescore is None else rescore[i].tobytes(),
+                    first + i if keep_vids else None)
                 for i, key in enumerate(keys)
             ]
-            self.store.write(puts)
-            self._forget([k for k in keys if k in self._row_of])
-            rows = self.index.append(codes)
+            replaced = [k for k in keys if k in self._row_of]
+            index_write, apply = self._stage_removal(replaced)
+            meta = {NEXT_VID: _pack(first + n)} if keep_vids else None
+            self.store.write(puts, meta=meta, index=index_write)
+            apply()
+            self._forget(replaced)
+            vids = np.arange(first, first + n)
+            if self.spann is not None:
+                self.spann.add(vids, codes)
+            elif not np.array_equal(self.index.append(codes), vids):
+                raise RuntimeError("flat index rows and collection ids are out of step")
             self.metadata.append(metas)
-            for key, row in zip(keys, rows.tolist(), strict=True):
-                self._ids.append(key)
-                self._row_of[key] = row
+            self._ids.extend(keys)
+            self._row_of.update(zip(keys, vids.tolist(), strict=True))
+            self._after_write()
+        return n
+
+    def _stage_removal(self, keys: Sequence[str]) -> tuple[Callable[[lmdb.Transaction], None] | None,
+                                                            Callable[[], None]]:
+        """The index's part of removing `keys` (SPANN tombstones), to run inside the store's transaction."""
+        spann = self.spann
+        if spann is None or not keys:
+            return None, lambda: None
+        vids = np.array([self._row_of[k] for k in keys], dtype=np.int64)
+        staged: list[Callable[[], None]] = []
+
+        def write(txn: lmdb.Transaction) -> None:
+            staged[:] = [spann.stage_remove(txn, vids)]
+
+        def apply() -> None:
+            staged[0]()
+            self._deleted_since_purge += len(vids)
+
+        return write, apply
+
+    def _after_write(self) -> None:
+        """Housekeeping after a committed write: fit the codec, choose or rebuild the index, flush."""
+        if self.spann is None:
             self._maybe_compact()
             if self._staged and self.count() >= self.fit_threshold:
                 self._fit_locked(self._staging_codec.decode(self.index.codes()[self.index.live[: self.index.rows]]))
-        return n
+            if self._wants_spann():
+                self._build_spann()
+            return
+        # The write itself has committed: index maintenance that fails (a full disk) is rolled
+        # back, logged and tried again after the next write, never reported as a failed write.
+        try:
+            if self.spann.buffer.rows >= FLUSH_ROWS:
+                self._flush()
+            if self._deleted_since_purge > PURGE_FRACTION * max(self.count(), 1):
+                self._purge()
+        except Exception:
+            log.exception("collection %r: index maintenance failed; the data is safe and it will be retried",
+                          self.name)
+
+    def _wants_spann(self) -> bool:
+        if self.spann is not None or self._staged or not self.codec.fitted:
+            return False
+        kind, n = self.config.index, self.count()
+        return (kind == "spann" and n >= FIT_THRESHOLD) or (kind == "auto" and n >= SPANN_AUTO_MIN)
+
+    def _build_spann(self) -> None:
+        """Cluster all live vectors into a fresh SPANN index, in one transaction (first build or rebuild)."""
+        first_build = self.spann is None
+        if first_build:  # flat rows become vids: compact so they are 0..n-1
+            self._compact_rows()
+            vids = np.arange(len(self._ids))
+            codes = self.index.codes()
+        else:
+            vids = np.array(sorted(self._row_of.values()), dtype=np.int64)
+            codes = self.store.get_codes([self._ids[v].encode() for v in vids.tolist()], self.codec.bytes_per_vector)
+        next_vid = len(self._ids)
+        config = SpannConfig()
+        folder = self.folder / INDEX_DIR
+        built: list[SpannIndex] = []
+        vectors = self.codec.reconstruct(codes)
+
+        def write(txn: lmdb.Transaction) -> None:
+            built[:] = [SpannIndex.build(vectors, vids, self.codec, self.postings, config, txn=txn)]
+
+        SpannIndex.save_config(config, folder)
+        self.store.reserve(8 * len(vids) * (self.codec.bytes_per_vector + 8) * (1 + config.replicas) + (16 << 20))
+        meta = {INDEX_KIND: b"spann", NEXT_VID: _pack(next_vid), FLUSHED_UPTO: _pack(next_vid),
+                BUILT_COUNT: _pack(len(vids))}
+        if first_build:
+            self.store.set_vids([self._ids[v].encode() for v in vids.tolist()], vids, meta, write)
+        else:
+            self.store.transact(write, meta)
+        self.spann = BufferedSpann(built[0], self.codec, next_vid)
+        self.index = FlatIndex(self.codec)  # the flat copy of every code is no longer needed
+        self._deleted_since_purge = 0
+
+    def _flush(self) -> None:
+        """Write buffer -> posting lists, in one transaction; rebuild once the collection has doubled."""
+        spann = self.spann
+        assert spann is not None
+        staged: list[Callable[[], None]] = []
+
+        def write(txn: lmdb.Transaction) -> None:
+            staged[:] = [spann.stage_flush(txn)]
+
+        self.store.transact(write, {FLUSHED_UPTO: _pack(spann.next_vid)})
+        staged[0]()
+        if self.count() >= REBUILD_GROWTH * max(self._meta_int(BUILT_COUNT), 1):
+            self._build_spann()
+
+    def _purge(self) -> None:
+        """Rewrite the lists that hold tombstones; merge the ones left small."""
+        spann = self.spann
+        assert spann is not None
+        staged: list[Callable[[], None]] = []
+
+        def write(txn: lmdb.Transaction) -> None:
+            staged[:] = [spann.spann.stage_purge(txn)]
+
+        self.store.transact(write)
+        staged[0]()
+        self._deleted_since_purge = 0
 
     def fit_codec(self, sample: Any) -> None:
         """Fit the codec on a representative sample now (while its vectors are still staged or none exist)."""
@@ -273,10 +452,7 @@ class Collection:
         The codec is saved first; the codes and the format flag then change in one LMDB
         transaction. A crash in between is finished on the next open.
         """
-        keep = self.index.compact()
-        self.metadata.compact(keep)
-        self._ids = [self._ids[i] for i in keep.tolist()]
-        self._row_of = {key: row for row, key in enumerate(self._ids)}
+        self._compact_rows()
         vectors = self._staging_codec.decode(self.index.codes())
         codes = self.codec.encode(vectors)
         rescore = self.codec.rescore.encode(vectors) if self.codec.rescore else None
@@ -293,24 +469,32 @@ class Collection:
         with self._lock.write():
             present = [k for k in keys if k in self._row_of]
             if present:
-                self.store.write([], [k.encode() for k in present])
+                index_write, apply = self._stage_removal(present)
+                self.store.write([], [k.encode() for k in present], index=index_write)
+                apply()
                 self._forget(present)
-                self._maybe_compact()
+                self._after_write()
         return len(present)
 
     def _forget(self, keys: Sequence[str]) -> None:
+        """In RAM, after the commit (a SPANN index drops its own copies in its `apply`)."""
         rows = np.array([self._row_of.pop(k) for k in keys], dtype=np.int64)
         if len(rows):
-            self.index.remove(rows)
+            if self.spann is None:
+                self.index.remove(rows)
             self.metadata.remove(rows)
 
     def _maybe_compact(self) -> None:
         dead = self.index.tombstones
         if dead > 1024 and dead * 2 > self.index.rows:
-            keep = self.index.compact()
-            self.metadata.compact(keep)
-            self._ids = [self._ids[i] for i in keep.tolist()]
-            self._row_of = {key: row for row, key in enumerate(self._ids)}
+            self._compact_rows()
+
+    def _compact_rows(self) -> None:
+        """Flat index only: drop deleted rows and renumber (SPANN vids are never renumbered)."""
+        keep = self.index.compact()
+        self.metadata.compact(keep)
+        self._ids = [self._ids[i] for i in keep.tolist()]
+        self._row_of = {key: row for row, key in enumerate(self._ids)}
 
     # -- reads -------------------------------------------------------------------------------
     def count(self) -> int:
@@ -342,23 +526,27 @@ class Collection:
         return vectors
 
     def search(self, query: QueryLike, k: int = 10, filter: JSONDict | None = None, *,
-               model: str | None = None, rescore_candidates: int | None = None) -> list[Hit]:
+               model: str | None = None, rescore_candidates: int | None = None,
+               nprobe: int | None = None) -> list[Hit]:
         """Top-k hits for one query text or vector."""
         if not isinstance(query, str) and np.asarray(query).ndim != 1:
             raise invalid("query", "must be one text or one vector; use search_batch for several")
         return self.search_batch([query] if isinstance(query, str) else np.asarray(query)[None, :], k, filter,
-                                 model=model, rescore_candidates=rescore_candidates)[0]
+                                 model=model, rescore_candidates=rescore_candidates, nprobe=nprobe)[0]
 
     def search_batch(self, queries: Sequence[str] | np.ndarray | Sequence[Sequence[float]], k: int = 10,
                      filter: JSONDict | None = None, *, model: str | None = None,
-                     rescore_candidates: int | None = None) -> list[list[Hit]]:
+                     rescore_candidates: int | None = None, nprobe: int | None = None) -> list[list[Hit]]:
+        """Top-k hits per query. `nprobe` bounds the posting lists a SPANN index reads per query
+        (more: higher recall, slower); the flat index ignores it."""
         self._check_open()
         k = _check_k(k)
+        nprobe = _check_nprobe(nprobe)
         with self._lock.read():
             allowed = self.metadata.evaluate(filter)
         vectors = self.embed_queries(queries, model)
         with self._lock.read():
-            scores, rows = self.search_vectors(vectors, k, allowed, rescore_candidates)
+            scores, rows = self.search_vectors(vectors, k, allowed, rescore_candidates, nprobe)
             ids = [[self._ids[r] for r in row if r >= 0] for row in rows.tolist()]
         flat_ids = sorted({i for row in ids for i in row})
         docs = dict(zip(flat_ids, self.store.get_documents([i.encode() for i in flat_ids]), strict=True))
@@ -373,13 +561,37 @@ class Collection:
         return out
 
     def search_vectors(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None,
-                       rescore_candidates: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       rescore_candidates: int | None = None,
+                       nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Arrays in, arrays out: (scores, rows) [nq, k], rows padded with -1."""
         if self.codec.rescore is None or self._staged:
-            return self.index.search(vectors, k, allowed)
+            return self._candidates(vectors, k, allowed, nprobe)
         wide = max(k, rescore_candidates or DEFAULT_RESCORE_FACTOR * k)
-        _, rows = self.index.search(vectors, wide, allowed)
+        _, rows = self._candidates(vectors, wide, allowed, nprobe)
         return self._rescore(vectors, rows, k)
+
+    def _candidates(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None,
+                    nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if self.spann is None:
+            return self.index.search(vectors, k, allowed)
+        if allowed is None:
+            return self.spann.search(vectors, k, nprobe=nprobe)
+        allowed = allowed & self.metadata.present()
+        passing = int(np.count_nonzero(allowed))
+        if passing <= max(FILTER_SCAN_MAX, FILTER_SCAN_SHARE * self.count()):
+            return self._scan_rows(vectors, k, np.flatnonzero(allowed))
+        # Probe more lists, as fewer of each list's vectors pass: recall holds at a bounded cost.
+        widen = min(MAX_FILTER_WIDEN, int(np.ceil(self.count() / passing)))
+        config = self.spann.spann.config
+        return self.spann.search(vectors, k, allowed, (nprobe or config.nprobe) * widen, config.eps2 * widen)
+
+    def _scan_rows(self, vectors: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scan of just these rows' codes, read from the store (a selective filter)."""
+        if not len(rows):
+            return rerank(np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64), k)
+        codes = self.store.get_codes([self._ids[r].encode() for r in rows.tolist()], self.codec.bytes_per_vector)
+        scores = self.codec.scores(vectors, codes)
+        return rerank(scores, np.broadcast_to(rows, scores.shape), k)
 
     def _rescore(self, vectors: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Re-rank candidates with the higher-precision codes kept on disk (read only for candidates)."""
@@ -390,6 +602,14 @@ class Collection:
         codes = np.zeros((*rows.shape, refiner.bytes_per_vector), dtype=np.uint8)
         codes[valid] = self.store.get_rescore_codes(keys, refiner.bytes_per_vector)
         return rerank(refiner.candidate_scores(vectors, codes), rows, k)
+
+    def _index_info(self) -> JSONDict:
+        if self.spann is None:
+            return {"kind": "flat", "setting": self.config.index}
+        spann = self.spann.spann
+        return {"kind": "spann", "setting": self.config.index, "lists": spann.centroids.live_count,
+                "buffered": self.spann.buffered, "tombstones": len(spann.tombstones),
+                "built_count": self._meta_int(BUILT_COUNT), **spann.config.to_json()}
 
     def info(self) -> JSONDict:
         self._check_open()
@@ -407,6 +627,7 @@ class Collection:
             "compression_ratio": round(4 * self.config.dim / self.codec.bytes_per_vector, 2),
             "encoder": enc.to_json() if enc else None,
             "metadata_fields": sorted(self.metadata.fields),
+            "index": self._index_info(),
             "disk_bytes": self.store.disk_bytes(),
         }
 

@@ -53,6 +53,7 @@ class CollectionConfig:
     encoder: EncoderIdentity | None
     metric: str = "cosine"
     format_version: int = 1
+    index: str = "auto"  # "flat" | "spann" | "auto" (flat while small, SPANN from a size on)
 
     def to_json(self) -> JSONDict:
         data = asdict(self)
@@ -69,4 +70,5 @@ class CollectionConfig:
             encoder=EncoderIdentity.from_json(enc) if enc else None,
             metric=str(data.get("metric", "cosine")),
             format_version=int(data.get("format_version", 1)),
+            index=str(data.get("index", "auto")),
         )

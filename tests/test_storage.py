@@ -21,9 +21,10 @@ def test_failure_inside_the_write_transaction_commits_nothing(
     col.upsert(ids[:20], vectors=vecs[:20], texts=["v1"] * 20)
     made = []
 
-    def failing_put(key: bytes, document: bytes, code: bytes, rescore: bytes | None = None) -> Put:
+    def failing_put(key: bytes, document: bytes, code: bytes, rescore: bytes | None = None,
+                    vid: int | None = None) -> Put:
         made.append(key)
-        return Put(b"" if len(made) == 5 else key, document, code, rescore)  # LMDB rejects empty keys
+        return Put(b"" if len(made) == 5 else key, document, code, rescore, vid)  # LMDB rejects empty keys
 
     monkeypatch.setattr(nestvec.collection, "Put", failing_put)
     with pytest.raises(Exception, match=r"(?i)val|size|key"):

@@ -107,10 +107,10 @@ class RemoteCollection:
         return int(self._client._call(self._client.points.Count, pb.CountRequest(collection=self._name)).count)
 
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10, filter: JSONDict | None = None, *,
-               model: str | None = None, rescore_candidates: int | None = None) -> list[Hit]:
+               model: str | None = None, rescore_candidates: int | None = None,
+               nprobe: int | None = None) -> list[Hit]:
         request = pb.SearchRequest(collection=self._name, k=self._check_k(k), filter_json=_filter_json(filter),
-                                   model=model or "",
-                                   params=pb.SearchParams(rescore_candidates=rescore_candidates or 0))
+                                   model=model or "", params=_params(rescore_candidates, nprobe))
         if isinstance(query, str):
             request.text = query
         else:
@@ -119,10 +119,10 @@ class RemoteCollection:
         return [convert.from_pb_hit(h) for h in reply.hits]
 
     def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10, filter: JSONDict | None = None, *,
-                     model: str | None = None, rescore_candidates: int | None = None) -> list[list[Hit]]:
+                     model: str | None = None, rescore_candidates: int | None = None,
+                     nprobe: int | None = None) -> list[list[Hit]]:
         request = pb.SearchBatchRequest(collection=self._name, k=self._check_k(k), filter_json=_filter_json(filter),
-                                        model=model or "",
-                                        params=pb.SearchParams(rescore_candidates=rescore_candidates or 0))
+                                        model=model or "", params=_params(rescore_candidates, nprobe))
         if len(queries) and all(isinstance(q, str) for q in queries):
             request.texts.extend([str(q) for q in queries])
         elif len(queries):
@@ -139,6 +139,13 @@ class RemoteCollection:
 
     def info(self) -> JSONDict:
         return self._client.describe(self._name)
+
+
+def _params(rescore_candidates: int | None, nprobe: int | None) -> pb.SearchParams:
+    # proto fields are unsigned: catch what cannot be sent; the server checks the range.
+    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or nprobe < 0):
+        raise invalid("nprobe", f"must be an integer between 1 and 65536, got {nprobe!r}")
+    return pb.SearchParams(rescore_candidates=rescore_candidates or 0, nprobe=int(min(nprobe or 0, 2**32 - 1)))
 
 
 def _filter_json(flt: JSONDict | None) -> str:
@@ -191,12 +198,12 @@ class RemoteClient(ClientBase):
             raise error_from_rpc(err) from None
 
     def create_collection(self, name: str, *, encoder: str | None = "", dim: int | None = None,
-                          codec: str = "", exist_ok: bool = False) -> RemoteCollection:
+                          codec: str = "", index: str = "auto", exist_ok: bool = False) -> RemoteCollection:
         if encoder is not None and not isinstance(encoder, str):
             raise invalid("encoder", "a remote server encodes with a model it has: pass its name or None")
         info = self._call(self.collections.Create, pb.CreateCollectionRequest(
             name=name, encoder=encoder or "", no_encoder=encoder is None, dim=dim or 0, codec=codec,
-            exist_ok=exist_ok))
+            index=index, exist_ok=exist_ok))
         return RemoteCollection(self, info.name, info.dim)
 
     def get_collection(self, name: str) -> RemoteCollection:

@@ -52,26 +52,34 @@ def balanced_kmeans(x: np.ndarray, config: ClusteringConfig) -> tuple[np.ndarray
 
 
 class CentroidIndex:
-    """Nearest centroids of queries: prefix search on a PCA rotation, full-dimension re-rank."""
+    """Nearest centroids of queries: prefix search on a PCA rotation, full-dimension re-rank.
+
+    A retired (merged-away) list keeps its id with a NaN centroid and is left out of the search,
+    so list ids never shift. Updates build a new index (copy on write): a writer prepares the next
+    centroids inside its transaction and swaps them in only after the commit."""
 
     def __init__(self, centroids: np.ndarray, rotation: np.ndarray, prefix_dim: int) -> None:
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.rotation = np.ascontiguousarray(rotation, dtype=np.float32)  # [d, d], rows = components
         self.prefix_dim = prefix_dim
+        self.active = np.isfinite(self.centroids).all(axis=1)
         self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
-        self._prefix = faiss.IndexFlatL2(prefix_dim)
-        self._prefix.add(np.ascontiguousarray(self.centroids @ self.rotation[:prefix_dim].T))
+        self._prefix = faiss.IndexIDMap(faiss.IndexFlatL2(prefix_dim))
+        live = np.flatnonzero(self.active)
+        self._prefix.add_with_ids(np.ascontiguousarray(self.centroids[live] @ self.rotation[:prefix_dim].T), live)
 
-    def set(self, updates: dict[int, np.ndarray]) -> None:
-        """Replace or append centroids (list ids len(self), len(self)+1, ... append)."""
-        grow = max(updates) + 1 - len(self.centroids) if updates else 0
-        if grow > 0:
-            self.centroids = np.concatenate([self.centroids, np.zeros((grow, self.centroids.shape[1]), np.float32)])
-        for list_id, vector in updates.items():
-            self.centroids[list_id] = vector
-        self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
-        self._prefix.reset()
-        self._prefix.add(np.ascontiguousarray(self.centroids @ self.rotation[: self.prefix_dim].T))
+    def updated(self, changes: dict[int, np.ndarray | None]) -> CentroidIndex:
+        """A new index with lists replaced, appended (ids past the end) or retired (None)."""
+        size = max([len(self.centroids), *[i + 1 for i in changes]])
+        centroids = np.full((size, self.centroids.shape[1]), np.nan, dtype=np.float32)
+        centroids[: len(self.centroids)] = self.centroids
+        for list_id, vector in changes.items():
+            centroids[list_id] = np.nan if vector is None else vector
+        return CentroidIndex(centroids, self.rotation, self.prefix_dim)
+
+    def free_ids(self) -> list[int]:
+        """Retired list ids, reused by the next splits before new ids are appended."""
+        return np.flatnonzero(~self.active).tolist()
 
     @classmethod
     def fit(cls, centroids: np.ndarray, prefix_dim: int) -> CentroidIndex:
@@ -80,7 +88,12 @@ class CentroidIndex:
         return cls(centroids, vt.astype(np.float32), min(prefix_dim, centroids.shape[1]))
 
     def __len__(self) -> int:
+        """Ids in use so far (retired ones included): new lists get ids from here on."""
         return len(self.centroids)
+
+    @property
+    def live_count(self) -> int:
+        return int(self.active.sum())
 
     def search(self, queries: np.ndarray, n: int, rerank: int = 4,
                chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -88,12 +101,14 @@ class CentroidIndex:
         if len(queries) > chunk:  # bounds the [chunk, candidates, d] gather of the re-rank
             parts = [self.search(queries[i:i + chunk], n, rerank, chunk) for i in range(0, len(queries), chunk)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        n = min(n, len(self.centroids))
-        wide = min(len(self.centroids), n * rerank)
+        live = self.live_count
+        n = min(n, live)
+        wide = min(live, n * rerank)
         _, cand = self._prefix.search(np.ascontiguousarray(queries @ self.rotation[: self.prefix_dim].T), wide)
-        cand = np.where(cand < 0, 0, cand)
+        padded = cand < 0
+        cand = np.where(padded, 0, cand)
         q_norms = np.einsum("ij,ij->i", queries, queries)[:, None]
         dots = np.einsum("qd,qcd->qc", queries, self.centroids[cand])
-        dist = q_norms + self.norms[cand] - 2 * dots
+        dist = np.where(padded, np.inf, q_norms + self.norms[cand] - 2 * dots)
         order = np.argsort(dist, axis=1, kind="stable")[:, :n]
         return np.take_along_axis(dist, order, axis=1), np.take_along_axis(cand, order, axis=1)

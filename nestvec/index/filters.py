@@ -44,6 +44,7 @@ class MetadataTable:
         self._field_counts: Counter[str] = Counter()
         self._columns: dict[str, np.ndarray] = {}
         self._numeric: dict[str, np.ndarray] = {}
+        self._present: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -76,6 +77,13 @@ class MetadataTable:
     def _invalidate(self) -> None:
         self._columns.clear()
         self._numeric.clear()
+        self._present = None
+
+    def present(self) -> np.ndarray:
+        """Mask of rows that hold a live document (removed rows are False)."""
+        if self._present is None:
+            self._present = np.array([m is not None for m in self._rows], dtype=bool)
+        return self._present
 
     def column(self, field: str) -> np.ndarray:
         if field not in self._columns:

@@ -69,18 +69,45 @@ class PostingStore:
         # together with the lists it changes.
         self.centroid_db = env.open_db(name + b".centroids")
         self.tombstone_db = env.open_db(name + b".tombstones")
+        self.meta_db = env.open_db(name + b".meta")
         # Where each list's bytes sat in the map when last read. Only used as madvise hints issued
         # before LMDB's own lookups fault pages one by one; a stale entry is a harmless wrong hint.
         self._where: dict[int, tuple[int, int]] = {}
 
-    def write_centroids(self, txn: lmdb.Transaction, centroids: Mapping[int, np.ndarray]) -> None:
+    def write_centroids(self, txn: lmdb.Transaction, centroids: Mapping[int, np.ndarray | None]) -> None:
+        """Put centroids; None retires a list (its centroid and its postings go)."""
         for list_id, vector in centroids.items():
-            txn.put(list_key(list_id), np.ascontiguousarray(vector, dtype="<f4").tobytes(), db=self.centroid_db)
+            if vector is None:
+                txn.delete(list_key(list_id), db=self.centroid_db)
+                txn.delete(list_key(list_id), db=self.db)
+            else:
+                txn.put(list_key(list_id), np.ascontiguousarray(vector, dtype="<f4").tobytes(), db=self.centroid_db)
 
     def read_centroids(self, dim: int) -> np.ndarray:
+        """[lists, dim]; retired ids in between are NaN rows."""
         with self.env.begin() as txn:
-            rows = [np.frombuffer(v, dtype="<f4") for _, v in txn.cursor(db=self.centroid_db)]
-        return np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
+            items = [(struct.unpack(">I", key)[0], np.frombuffer(value, dtype="<f4"))
+                     for key, value in txn.cursor(db=self.centroid_db)]
+        out = np.full((items[-1][0] + 1 if items else 0, dim), np.nan, dtype=np.float32)
+        for list_id, vector in items:
+            out[list_id] = vector
+        return out
+
+    def write_rotation(self, txn: lmdb.Transaction, rotation: np.ndarray) -> None:
+        """The centroid prefix rotation commits with the centroids it was fitted on."""
+        txn.put(b"rotation", np.ascontiguousarray(rotation, dtype="<f4").tobytes(), db=self.meta_db)
+
+    def read_rotation(self, dim: int) -> np.ndarray:
+        with self.env.begin() as txn:
+            raw = txn.get(b"rotation", db=self.meta_db)
+        if raw is None:
+            raise RuntimeError("the index has no centroid rotation; it was never built")
+        return np.frombuffer(raw, dtype="<f4").reshape(dim, dim).astype(np.float32)
+
+    def clear(self, txn: lmdb.Transaction) -> None:
+        """Empty lists, centroids and tombstones (before a rebuild in the same transaction)."""
+        for db in (self.db, self.centroid_db, self.tombstone_db):
+            txn.drop(db, delete=False)
 
     def add_tombstones(self, txn: lmdb.Transaction, ids: np.ndarray) -> None:
         for vid in ids.tolist():

@@ -11,6 +11,7 @@ codec; de-duplicate replicated ids; top-k.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 
 from nestvec.compression import Codec
 from nestvec.errors import invalid
-from nestvec.fsutil import load_npy, read_json, save_npy, write_json
+from nestvec.fsutil import read_json, write_json
 from nestvec.index.centroids import CentroidIndex, ClusteringConfig, balanced_kmeans
 from nestvec.index.postings import PostingStore
 from nestvec.index.topk import empty_topk
@@ -43,6 +44,9 @@ class SpannConfig:
     # Live inserts split a list past this many entries (replicas included; 0 = 3 x posting_limit,
     # since built lists already hold ~2-3x their limit once boundary replicas are added).
     split_limit: int = 0
+    # A list rewritten with fewer live entries than this is merged away: its members move to
+    # their next-nearest lists (0 = posting_limit // 2).
+    merge_limit: int = 0
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
@@ -79,21 +83,61 @@ def assign_with_replicas(vectors: np.ndarray, centroids: CentroidIndex, config: 
     return chosen
 
 
+Lists = dict[int, tuple[np.ndarray, np.ndarray]]
+Apply = Callable[[], None]
+
+
+def _grown(mask: np.ndarray, size: int) -> np.ndarray:
+    if size <= len(mask):
+        return mask
+    out = np.zeros(max(size, 2 * len(mask)), dtype=bool)
+    out[: len(mask)] = mask
+    return out
+
+
+def _lookup(mask: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """mask[ids], False past its end."""
+    if not len(mask):
+        return np.zeros(ids.shape, dtype=bool)
+    inside = ids < len(mask)
+    return inside & mask[np.where(inside, ids, 0)]
+
+
 class SpannIndex:
-    """Ids are int64 and never reused after a delete (callers give a re-inserted document a new id),
-    so a tombstone set is the whole version map."""
+    """Ids are non-negative int64 and never reused after a delete (callers give a re-inserted
+    document a new id), so a tombstone set is the whole version map.
+
+    Writers call the `stage_*` methods inside their own LMDB write transaction (the collection's,
+    so documents and postings commit together) and run the returned `apply` after the commit:
+    in-RAM state (centroids, tombstones) changes only once the disk has."""
 
     def __init__(self, codec: Codec, centroids: CentroidIndex, postings: PostingStore, config: SpannConfig,
                  tombstones: np.ndarray | None = None) -> None:
         self.codec, self.centroids, self.postings, self.config = codec, centroids, postings, config
-        self.tombstones = np.zeros(0, dtype=np.int64) if tombstones is None else tombstones
+        self._dead = np.zeros(0, dtype=bool)
+        if tombstones is not None and len(tombstones):
+            self._dead = _grown(self._dead, int(tombstones.max()) + 1)
+            self._dead[tombstones] = True
+
+    @property
+    def tombstones(self) -> np.ndarray:
+        return np.flatnonzero(self._dead)
+
+    def is_dead(self, ids: np.ndarray) -> np.ndarray:
+        return _lookup(self._dead, ids)
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: np.ndarray, codec: Codec, env: lmdb.Environment,
-              config: SpannConfig = SpannConfig()) -> SpannIndex:
-        """Cluster, replicate boundary vectors, write every list in one transaction."""
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, codec: Codec, env: lmdb.Environment | PostingStore,
+              config: SpannConfig = SpannConfig(), txn: lmdb.Transaction | None = None) -> SpannIndex:
+        """Cluster, replicate boundary vectors, write every list in one transaction (the caller's
+        when given; whatever the environment held before is replaced). Inside a caller's write
+        transaction pass a PostingStore opened before it: LMDB cannot open databases then."""
         if len(vectors) != len(ids):
             raise invalid("ids", f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(vectors) < 2:
+            raise invalid("vectors", "an index needs at least 2 vectors")
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.int64)
         _, raw_centroids = balanced_kmeans(vectors, ClusteringConfig(config.posting_limit, config.branching,
                                                                      seed=config.seed))
         centroids = CentroidIndex.fit(raw_centroids, config.prefix_dim)
@@ -106,49 +150,75 @@ class SpannIndex:
         order = np.argsort(lists, kind="stable")
         rows, lists = rows[order], lists[order]
         bounds = np.searchsorted(lists, np.arange(len(centroids) + 1))
-        postings = PostingStore(env)
+        postings = env if isinstance(env, PostingStore) else PostingStore(env)
         payload = {int(list_id): (ids[rows[lo:hi]], codes[rows[lo:hi]])
                    for list_id, (lo, hi) in enumerate(itertools.pairwise(bounds)) if hi > lo}
-        with env.begin(write=True) as txn:
+
+        def write(txn: lmdb.Transaction) -> None:
+            postings.clear(txn)
             postings.write(payload, txn)
             postings.write_centroids(txn, dict(enumerate(centroids.centroids)))
+            postings.write_rotation(txn, centroids.rotation)
+
+        if txn is None:
+            with postings.env.begin(write=True) as own:
+                write(own)
+        else:
+            write(txn)
         return cls(codec, centroids, postings, config)
 
-    # -- live updates (SPFresh-style, without background rebalancing yet) ----------------------
+    # -- live updates (SPFresh's LIRE: split, reassign nearby, merge, tombstones) ---------------
     def insert(self, vectors: np.ndarray, ids: np.ndarray) -> None:
-        """Append to each vector's lists (with replicas); a list past the split limit splits in two
-        and the vectors of both halves are reassigned against the new centroids (SPFresh's LIRE,
-        restricted to the split lists)."""
-        ids = np.asarray(ids, dtype=np.int64)
+        """Insert in a transaction of its own."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         with self.postings.env.begin(write=True) as txn:
-            lists = self._append(txn, self._lists_of(vectors), ids, self.codec.encode(vectors), {})
-            new_centroids = self._split_oversized(lists)
-            if new_centroids:
-                previous = self.centroids.centroids.copy()
-                self.centroids.set(new_centroids)
-                try:
-                    self._reassign(txn, lists, sorted(new_centroids))
-                except BaseException:
-                    self.centroids = CentroidIndex(previous, self.centroids.rotation, self.centroids.prefix_dim)
-                    raise
-            self.postings.write(lists, txn)
-            self.postings.write_centroids(txn, new_centroids)
+            apply = self.stage_insert(txn, self.codec.encode(vectors), ids, vectors)
+        apply()
 
-    def _lists_of(self, vectors: np.ndarray) -> np.ndarray:
-        return assign_with_replicas(vectors, self.centroids, self.config)
+    def stage_insert(self, txn: lmdb.Transaction, codes: np.ndarray, ids: np.ndarray,
+                     vectors: np.ndarray | None = None) -> Apply:
+        """Append to each vector's lists (with replicas); a list past the split limit splits in two
+        and the members of both halves are reassigned against the new centroids; a list left too
+        small by purged tombstones merges into its neighbours."""
+        ids = np.asarray(ids, dtype=np.int64)
+        vectors = self.codec.reconstruct(codes) if vectors is None else vectors
+        lists = self._append(txn, self._lists_of(vectors, self.centroids), ids, codes, {})
+        return self._rebalance(txn, lists)
+
+    def _rebalance(self, txn: lmdb.Transaction, lists: Lists) -> Apply:
+        """Split oversized and merge undersized lists among `lists` (already read and changed),
+        write them and the centroids, and return the in-RAM swap."""
+        changes = self._split_oversized(lists)
+        merge_limit = self.config.merge_limit or self.config.posting_limit // 2
+        small = [lid for lid, (i, _) in lists.items()
+                 if len(i) < merge_limit and lid not in changes and self.centroids.live_count > 1]
+        for lid in small:
+            changes[lid] = None
+        centroids = self.centroids.updated(changes) if changes else self.centroids
+        if changes:
+            moved = [lid for lid in changes if lid in lists]
+            self._reassign(txn, lists, moved, centroids)
+            for lid in small:
+                lists.pop(lid, None)
+        self.postings.write({lid: lists[lid] for lid in lists if lid not in small}, txn)
+        self.postings.write_centroids(txn, changes)
+
+        def apply() -> None:
+            self.centroids = centroids
+
+        return apply
+
+    def _lists_of(self, vectors: np.ndarray, centroids: CentroidIndex) -> np.ndarray:
+        return assign_with_replicas(vectors, centroids, self.config)
 
     def _append(self, txn: lmdb.Transaction, assigned: np.ndarray, ids: np.ndarray, codes: np.ndarray,
-                lists: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+                lists: Lists) -> Lists:
         """Add (ids, codes) to their assigned lists, reading each list once; purges tombstones on the way."""
         size = self.codec.bytes_per_vector
         rows = np.repeat(np.arange(len(ids)), assigned.shape[1])
         flat = assigned.ravel()
         rows, flat = rows[flat >= 0], flat[flat >= 0]
-        missing = [lid for lid in np.unique(flat).tolist() if lid not in lists]
-        for lid, old_ids, old_codes in self.postings.read(txn, missing, size):
-            live = ~np.isin(old_ids, self.tombstones)
-            lists[lid] = (old_ids[live].copy(), old_codes[live].copy())
+        self._read_into(txn, [lid for lid in np.unique(flat).tolist() if lid not in lists], lists)
         for list_id in np.unique(flat).tolist():
             mine = rows[flat == list_id]
             old_ids, old_codes = lists.get(list_id, (np.zeros(0, np.int64), np.zeros((0, size), np.uint8)))
@@ -156,27 +226,35 @@ class SpannIndex:
             lists[list_id] = (np.concatenate([old_ids, ids[fresh]]), np.concatenate([old_codes, codes[fresh]]))
         return lists
 
-    def _reassign(self, txn: lmdb.Transaction, lists: dict[int, tuple[np.ndarray, np.ndarray]],
-                  split: list[int]) -> None:
-        """Members of split lists stay only where their new assignment puts them, and join the
-        other lists it names."""
-        members_ids = np.concatenate([lists[lid][0] for lid in split])
-        members_codes = np.concatenate([lists[lid][1] for lid in split])
+    def _read_into(self, txn: lmdb.Transaction, list_ids: list[int], lists: Lists) -> None:
+        """Copy lists out of the map (they are about to be rewritten), without their tombstoned ids."""
+        for lid, old_ids, old_codes in self.postings.read(txn, list_ids, self.codec.bytes_per_vector):
+            live = ~self.is_dead(old_ids)
+            lists[lid] = (old_ids[live].copy(), old_codes[live].copy())
+
+    def _reassign(self, txn: lmdb.Transaction, lists: Lists, moved: list[int], centroids: CentroidIndex) -> None:
+        """Members of split or retired lists stay only where their new assignment puts them, and
+        join the other lists it names."""
+        members_ids = np.concatenate([lists[lid][0] for lid in moved])
+        members_codes = np.concatenate([lists[lid][1] for lid in moved])
         members_ids, first = np.unique(members_ids, return_index=True)
         members_codes = members_codes[first]
-        assigned = self._lists_of(self.codec.reconstruct(members_codes))
-        for lid in split:
+        if not len(members_ids):
+            return
+        assigned = self._lists_of(self.codec.reconstruct(members_codes), centroids)
+        for lid in moved:
             ids, codes = lists[lid]
             wanted = members_ids[(assigned == lid).any(axis=1)]
             keep = np.isin(ids, wanted)
             lists[lid] = (ids[keep], codes[keep])
         self._append(txn, assigned, members_ids, members_codes, lists)
 
-    def _split_oversized(self, lists: dict[int, tuple[np.ndarray, np.ndarray]]) -> dict[int, np.ndarray]:
+    def _split_oversized(self, lists: Lists) -> dict[int, np.ndarray | None]:
         """Balanced 2-means on each list past the split limit: it keeps one half, a new list takes the other."""
         import faiss
 
-        updates: dict[int, np.ndarray] = {}
+        updates: dict[int, np.ndarray | None] = {}
+        free = self.centroids.free_ids()
         next_id = len(self.centroids)
         limit = self.config.split_limit or 3 * self.config.posting_limit
         for list_id in [lid for lid, (i, _) in lists.items() if len(i) > limit]:
@@ -187,7 +265,9 @@ class SpannIndex:
             # its primaries, not pulled toward the boundaries.
             primary = self.centroids.search(vectors, 1)[1][:, 0] == list_id
             core = vectors[primary] if primary.sum() >= 4 else vectors
-            kmeans = faiss.Kmeans(vectors.shape[1], 2, niter=10, seed=self.config.seed + next_id,
+            new_id = free.pop(0) if free else next_id
+            next_id += 0 if new_id < next_id else 1
+            kmeans = faiss.Kmeans(vectors.shape[1], 2, niter=10, seed=self.config.seed + new_id,
                                   min_points_per_centroid=1)
             kmeans.train(core)
             centres = np.asarray(kmeans.centroids)
@@ -197,27 +277,54 @@ class SpannIndex:
                 order = np.argsort(d[:, 0] - d[:, 1], kind="stable")
                 first, second = order[: len(order) // 2], order[len(order) // 2:]
             lists[list_id] = (ids[first], codes[first])
-            lists[next_id] = (ids[second], codes[second])
-            updates[list_id], updates[next_id] = centres[0], centres[1]
-            next_id += 1
+            lists[new_id] = (ids[second], codes[second])
+            updates[list_id], updates[new_id] = centres[0], centres[1]
         return updates
 
     def delete(self, ids: np.ndarray) -> None:
+        """Delete in a transaction of its own."""
+        with self.postings.env.begin(write=True) as txn:
+            apply = self.stage_delete(txn, ids)
+        apply()
+
+    def stage_delete(self, txn: lmdb.Transaction, ids: np.ndarray) -> Apply:
         """Tombstone ids: never returned again; purged from a list when it is next rewritten."""
         ids = np.asarray(ids, dtype=np.int64)
-        with self.postings.env.begin(write=True) as txn:
-            self.postings.add_tombstones(txn, ids)
-        self.tombstones = np.union1d(self.tombstones, ids)
+        self.postings.add_tombstones(txn, ids)
+
+        def apply() -> None:
+            if len(ids):
+                self._dead = _grown(self._dead, int(ids.max()) + 1)
+                self._dead[ids] = True
+
+        return apply
+
+    def stage_purge(self, txn: lmdb.Transaction) -> Apply:
+        """Rewrite every list that holds tombstones (SPFresh's garbage collection) and merge the
+        lists it leaves too small. Tombstones stay: an id is never reused, and a stale replica
+        could still sit in a list no purge has rewritten yet."""
+        size = self.codec.bytes_per_vector
+        touched: Lists = {}
+        for lid, ids, _ in self.postings.read(txn, np.flatnonzero(self.centroids.active).tolist(), size):
+            if self.is_dead(ids).any():
+                touched[lid] = (np.zeros(0, np.int64), np.zeros((0, size), np.uint8))
+        self._read_into(txn, list(touched), touched)
+        return self._rebalance(txn, touched)
 
     def stats(self) -> dict[str, Any]:
+        live_lists = np.flatnonzero(self.centroids.active).tolist()
         with self.postings.env.begin() as txn:
-            entries = sum(len(ids) for _, ids, _ in self.postings.read(txn, range(len(self.centroids)),
-                                                                     self.codec.bytes_per_vector))
-        return {"lists": len(self.centroids), "entries": entries}
+            sizes = [len(ids) for _, ids, _ in self.postings.read(txn, live_lists, self.codec.bytes_per_vector)]
+        return {"lists": len(live_lists), "entries": int(sum(sizes)),
+                "mean_list": float(np.mean(sizes)) if sizes else 0.0, "tombstones": int(self._dead.sum())}
 
-    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None,
-               eps2: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (scores, ids) [nq, k], ids padded with -1."""
+    # -- search ---------------------------------------------------------------------------------
+    def search(self, queries: np.ndarray, k: int, *, nprobe: int | None = None, eps2: float | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores, ids) [nq, k], ids padded with -1. `allowed` masks ids (False past its end).
+
+        One query reads its lists together (prefetched) and scores them in one call; a batch reads
+        each list once and scores it against every query that probes it."""
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
             raise invalid("k", f"must be a positive integer, got {k!r}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -225,45 +332,79 @@ class SpannIndex:
             raise invalid("queries", f"expected shape (n, {self.codec.dim}), got {queries.shape}")
         if not np.isfinite(queries).all():
             raise invalid("queries", "contain NaN or inf")
+        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer)
+                                   or nprobe < 1):
+            raise invalid("nprobe", f"must be a positive integer, got {nprobe!r}")
         cfg = replace(self.config, nprobe=nprobe or self.config.nprobe,
                       eps2=self.config.eps2 if eps2 is None else eps2)
+        best_scores, best_ids = empty_topk(len(queries), k)
+        if not self.centroids.live_count:
+            return best_scores, best_ids
         dist, lists = self.centroids.search(queries, cfg.nprobe)
         dist = np.sqrt(np.maximum(dist, 0))
         probe = dist <= (1 + cfg.eps2) * dist[:, :1]
-        best_scores, best_ids = empty_topk(len(queries), k)
         size = self.codec.bytes_per_vector
         with self.postings.env.begin(buffers=True) as txn:
-            for qi in range(len(queries)):
-                parts = self.postings.read(txn, lists[qi][probe[qi]], size)
-                if not parts:
-                    continue
-                ids = np.concatenate([p[1] for p in parts])
-                # small blocks: the float32 copy of a block stays a few MB even under a memory cap
-                scores = self.codec.scores(queries[qi:qi + 1], np.concatenate([p[2] for p in parts]),
-                                           block_rows=2048)[0]
-                if len(self.tombstones):
-                    scores = np.where(np.isin(ids, self.tombstones), -np.inf, scores).astype(np.float32)
-                # A vector sits in at most 1 + replicas lists, so the best k * (1 + replicas) hold k distinct ids.
-                wide = min(len(ids), k * (1 + self.config.replicas))
-                top = np.argpartition(-scores, wide - 1)[:wide] if wide < len(ids) else np.arange(len(ids))
-                order = top[np.lexsort((ids[top], -scores[top]))]
-                _, first = np.unique(ids[order], return_index=True)  # replicas: keep each id once
-                keep = order[np.sort(first)[:k]]
-                keep = keep[np.isfinite(scores[keep])]
-                best_scores[qi, : len(keep)] = scores[keep]
-                best_ids[qi, : len(keep)] = ids[keep]
+            if len(queries) == 1:
+                parts = self.postings.read(txn, lists[0][probe[0]], size)
+                if parts:
+                    ids = np.concatenate([p[1] for p in parts])
+                    # small blocks: the float32 copy of a block stays a few MB even under a memory cap
+                    scores = self.codec.scores(queries, np.concatenate([p[2] for p in parts]), block_rows=2048)[0]
+                    self._keep_best(0, ids, scores, k, allowed, best_scores, best_ids)
+                return best_scores, best_ids
+            per_query: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
+            q_of, list_of = np.nonzero(probe)
+            list_of = lists[q_of, list_of]
+            order = np.argsort(list_of, kind="stable")
+            q_of, list_of = q_of[order], list_of[order]
+            unique, starts = np.unique(list_of, return_index=True)
+            ends = np.append(starts[1:], len(list_of))
+            for lo in range(0, len(unique), 256):  # prefetch a group of lists, then score each once
+                for list_id, ids, codes in self.postings.read(txn, unique[lo:lo + 256], size):
+                    at = int(np.searchsorted(unique, list_id))
+                    who = q_of[starts[at]:ends[at]]
+                    block = self.codec.scores(queries[who], codes)
+                    for row, qi in enumerate(who.tolist()):
+                        per_query[qi].append((ids, block[row]))
+            for qi, found in enumerate(per_query):
+                if found:
+                    self._keep_best(qi, np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]),
+                                    k, allowed, best_scores, best_ids)
         return best_scores, best_ids
+
+    def _keep_best(self, qi: int, ids: np.ndarray, scores: np.ndarray, k: int, allowed: np.ndarray | None,
+                   best_scores: np.ndarray, best_ids: np.ndarray) -> None:
+        """Top k distinct live (and allowed) ids of one query's candidates into row qi."""
+        banned = self.is_dead(ids) if len(self._dead) else None
+        if allowed is not None:
+            banned = ~_lookup(allowed, ids) if banned is None else banned | ~_lookup(allowed, ids)
+        if banned is not None:
+            scores = np.where(banned, -np.inf, scores).astype(np.float32)
+        # A vector sits in at most 1 + replicas lists, so the best k * (1 + replicas) hold k distinct ids.
+        wide = min(len(ids), k * (1 + self.config.replicas))
+        top = np.argpartition(-scores, wide - 1)[:wide] if wide < len(ids) else np.arange(len(ids))
+        order = top[np.lexsort((ids[top], -scores[top]))]
+        _, first = np.unique(ids[order], return_index=True)  # replicas: keep each id once
+        keep = order[np.sort(first)[:k]]
+        keep = keep[np.isfinite(scores[keep])]
+        best_scores[qi, : len(keep)] = scores[keep]
+        best_ids[qi, : len(keep)] = ids[keep]
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """The static parts (rotation, config); centroids and tombstones live in LMDB with the lists."""
-        save_npy(folder / "rotation.npy", self.centroids.rotation)
-        write_json(folder / "spann.json", self.config.to_json())
+        """The parameters, as JSON; centroids, rotation and tombstones live in LMDB with the lists."""
+        self.save_config(self.config, folder)
+
+    @staticmethod
+    def save_config(config: SpannConfig, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "spann.json", config.to_json())
 
     @classmethod
-    def load(cls, folder: Path, codec: Codec, env: lmdb.Environment) -> SpannIndex:
+    def load(cls, folder: Path, codec: Codec, env: lmdb.Environment | PostingStore) -> SpannIndex:
         config = SpannConfig.from_json(read_json(folder / "spann.json"))
-        postings = PostingStore(env)
-        centroids = CentroidIndex(postings.read_centroids(codec.dim), load_npy(folder / "rotation.npy"),
+        postings = env if isinstance(env, PostingStore) else PostingStore(env)
+        centroids = CentroidIndex(postings.read_centroids(codec.dim), postings.read_rotation(codec.dim),
                                   config.prefix_dim)
         return cls(codec, centroids, postings, config, postings.read_tombstones())

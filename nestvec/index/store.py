@@ -1,11 +1,15 @@
-"""LMDB storage of one collection: documents, codes and rescoring codes, keyed by id.
+"""LMDB storage of one collection: documents, codes, rescoring codes and index ids, keyed by id.
 
-One write transaction per batch covers all three databases, so a batch lands whole or not at
-all. One Environment per path per process (LMDB forbids opening the same file twice).
+One write transaction per batch covers all of them, and the vector index's own databases (posting
+lists, centroids, tombstones) live in the same environment and join that transaction, so a batch
+lands whole or not at all. One Environment per path per process (LMDB forbids opening the same
+file twice). Readahead is off: index reads are random, and under a memory cap the kernel's
+readahead evicts pages a query still needs.
 """
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +20,7 @@ import numpy as np
 
 INITIAL_MAP_SIZE = 64 << 20
 _ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
+IndexWrite = Callable[[lmdb.Transaction], None]
 _ENVS_LOCK = threading.Lock()
 
 
@@ -27,7 +32,7 @@ def _open_env(path: Path) -> lmdb.Environment:
             _ENVS[key] = (env, refs + 1)
             return env
         path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=8, subdir=True, lock=True)
+        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=16, subdir=True, lock=True, readahead=False)
         _ENVS[key] = (env, 1)
         return env
 
@@ -51,6 +56,7 @@ class Put:
     document: bytes
     code: bytes
     rescore: bytes | None = None
+    vid: int | None = None  # the vector index's id for this key, when the index needs one kept
 
 
 class LmdbStore:
@@ -61,6 +67,7 @@ class LmdbStore:
         self._codes = self.env.open_db(b"codes")
         self._rescore = self.env.open_db(b"rescore")
         self._meta = self.env.open_db(b"meta")
+        self._vids = self.env.open_db(b"vids")
         self._write_lock = threading.Lock()
 
     def close(self) -> None:
@@ -77,12 +84,13 @@ class LmdbStore:
                 except lmdb.MapFullError:
                     self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
-    def write(self, puts: Sequence[Put], deletes: Sequence[bytes] = (), meta: dict[bytes, bytes] | None = None) -> None:
-        """Apply deletes, puts and meta in one transaction."""
+    def write(self, puts: Sequence[Put], deletes: Sequence[bytes] = (), meta: dict[bytes, bytes] | None = None,
+              index: IndexWrite | None = None) -> None:
+        """Apply deletes, puts, meta and the index's own changes (`index(txn)`) in one transaction."""
 
         def body(txn: lmdb.Transaction) -> None:
             for key in deletes:
-                for db in (self._docs, self._codes, self._rescore):
+                for db in (self._docs, self._codes, self._rescore, self._vids):
                     txn.delete(key, db=db)
             for put in puts:
                 txn.put(put.key, put.document, db=self._docs)
@@ -91,9 +99,34 @@ class LmdbStore:
                     txn.put(put.key, put.rescore, db=self._rescore)
                 else:
                     txn.delete(put.key, db=self._rescore)
+                if put.vid is not None:
+                    txn.put(put.key, struct.pack(">q", put.vid), db=self._vids)
+                else:
+                    txn.delete(put.key, db=self._vids)
             self._put_meta(txn, meta)
+            if index is not None:
+                index(txn)
 
         self._transact(body)
+
+    def transact(self, body: IndexWrite, meta: dict[bytes, bytes] | None = None) -> None:
+        """One write transaction for the index and meta alone (a flush of its write buffer, a rebuild)."""
+
+        def both(txn: lmdb.Transaction) -> None:
+            body(txn)
+            self._put_meta(txn, meta)
+
+        self._transact(both)
+
+    def reserve(self, extra_bytes: int) -> None:
+        """Grow the map ahead of a large transaction, so it is not rerun after a MapFullError."""
+        with self._write_lock:
+            size = self.env.info()["map_size"]
+            target = size
+            while target < self.disk_bytes() + extra_bytes:
+                target *= 2
+            if target != size:
+                self.env.set_mapsize(target)
 
     def _put_meta(self, txn: lmdb.Transaction, meta: dict[bytes, bytes] | None) -> None:
         for key, value in (meta or {}).items():
@@ -116,6 +149,18 @@ class LmdbStore:
 
         self._transact(body)
 
+    def set_vids(self, keys: Sequence[bytes], vids: np.ndarray, meta: dict[bytes, bytes], index: IndexWrite) -> None:
+        """Give every key its index id, with the index's build, in one transaction (flat -> SPANN)."""
+
+        def body(txn: lmdb.Transaction) -> None:
+            txn.drop(self._vids, delete=False)
+            for key, vid in zip(keys, vids.tolist(), strict=True):
+                txn.put(key, struct.pack(">q", vid), db=self._vids)
+            self._put_meta(txn, meta)
+            index(txn)
+
+        self._transact(body)
+
     def load(self, code_size: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
         """All (keys, documents, codes) in key order, for rebuilding the in-RAM index on open."""
         with self.env.begin() as txn:
@@ -127,15 +172,32 @@ class LmdbStore:
         codes = np.frombuffer(b"".join(v for _, v in code_items), dtype=np.uint8).reshape(len(keys), code_size)
         return keys, [v for _, v in doc_items], codes.copy()
 
+    def load_keyed(self) -> tuple[list[bytes], list[bytes], np.ndarray]:
+        """(keys, documents, vids) without the codes: what an index kept on disk needs on open."""
+        with self.env.begin() as txn:
+            doc_items = list(txn.cursor(db=self._docs).iternext(keys=True, values=True))
+            vid_items = list(txn.cursor(db=self._vids).iternext(keys=True, values=True))
+        keys = [k for k, _ in doc_items]
+        if [k for k, _ in vid_items] != keys:
+            raise RuntimeError(f"{self.path}: documents and index ids disagree; the store is damaged")
+        vids = np.frombuffer(b"".join(v for _, v in vid_items), dtype=">i8").astype(np.int64)
+        return keys, [v for _, v in doc_items], vids
+
+    def get_codes(self, keys: Sequence[bytes], code_size: int) -> np.ndarray:
+        return self._fixed_size(self._codes, keys, code_size, "codes")
+
     def get_documents(self, keys: Sequence[bytes]) -> list[bytes | None]:
         with self.env.begin() as txn:
             return [txn.get(k, db=self._docs) for k in keys]
 
     def get_rescore_codes(self, keys: Sequence[bytes], code_size: int) -> np.ndarray:
+        return self._fixed_size(self._rescore, keys, code_size, "rescoring codes")
+
+    def _fixed_size(self, db: lmdb._Database, keys: Sequence[bytes], code_size: int, what: str) -> np.ndarray:
         with self.env.begin(buffers=True) as txn:
-            blobs = [bytes(txn.get(k, db=self._rescore) or b"") for k in keys]
+            blobs = [bytes(txn.get(k, db=db) or b"") for k in keys]
         if any(len(b) != code_size for b in blobs):
-            raise RuntimeError(f"{self.path}: missing rescoring codes")
+            raise RuntimeError(f"{self.path}: missing {what}")
         return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(keys), code_size)
 
     def disk_bytes(self) -> int:

@@ -27,6 +27,9 @@ def empty_topk(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def rerank(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Best k of [nq, c] candidate (scores, rows); rows of -1 are padding and never win."""
+    if scores.shape[1] < k:  # fewer candidates than k: pad, so results are always [nq, k]
+        pad_scores, pad_rows = empty_topk(len(scores), k - scores.shape[1])
+        scores, rows = np.concatenate([scores, pad_scores], axis=1), np.concatenate([rows, pad_rows], axis=1)
     scores = np.where(rows >= 0, scores, -np.inf).astype(np.float32)
     order = np.lexsort((rows, -scores), axis=1)[:, :k]
     return finalize(np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1))

@@ -78,7 +78,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         encoder = None if request.no_encoder else (request.encoder or BUNDLED_MODEL)
         collection = self.catalog.create_collection(
             request.name, encoder=encoder, dim=request.dim or None, codec=request.codec or DEFAULT_CODEC,
-            exist_ok=request.exist_ok)
+            index=request.index or "auto", exist_ok=request.exist_ok)
         return self.info(collection)
 
     @rpc
@@ -146,7 +146,8 @@ class PointsService(pb_grpc.PointsServicer):
         collection = self.catalog.get_collection(collection_name)
         flt = convert.from_json(filter_json, "filter")
         return collection.search_batch(queries, _k(k), flt, model=model or None,
-                                       rescore_candidates=params.rescore_candidates or None)
+                                       rescore_candidates=params.rescore_candidates or None,
+                                       nprobe=params.nprobe or None)
 
     @rpc
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
