@@ -77,7 +77,7 @@ def load_passages(n: int) -> tuple[list[str], list[str]]:
 
 
 def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, rate: float, ready: Any,
-                  out: Any) -> None:
+                  out: Any, nprobe: int = 0) -> None:
     """One client process. rate 0: search back to back (closed loop). rate > 0: Poisson arrivals at
     `rate` searches/s, each timed from its scheduled arrival, so queueing counts (no coordinated
     omission)."""
@@ -99,7 +99,7 @@ def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, ra
             break
         while time.perf_counter() < start:
             time.sleep(max(0.0, start - time.perf_counter()))
-        hits = col.search(queries[i % len(queries)], k=10)
+        hits = col.search(queries[i % len(queries)], k=10, nprobe=nprobe or None)
         latencies.append(time.perf_counter() - start)
         results.append((i % len(queries), [h.id for h in hits]))
         i += 1
@@ -107,11 +107,12 @@ def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, ra
     out.put((latencies, results))
 
 
-def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float, rate: float = 0.0) -> dict[str, Any]:
+def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float, rate: float = 0.0,
+                    nprobe: int = 0) -> dict[str, Any]:
     """`clients` processes; `rate` is the total offered searches/s (0 = as fast as they can)."""
     ctx = mp.get_context("spawn")
     out, ready = ctx.Queue(), ctx.Barrier(clients)
-    procs = [ctx.Process(target=search_worker, args=(url, queries, seconds, c * 97, rate / clients, ready, out))
+    procs = [ctx.Process(target=search_worker, args=(url, queries, seconds, c * 97, rate / clients, ready, out, nprobe))
              for c in range(clients)]
     for proc in procs:
         proc.start()
@@ -164,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--encode-docs", type=int, default=500, help="texts sent for server-side encoding")
     parser.add_argument("--batch", type=int, default=2000, help="points per UpsertStream message")
+    parser.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
+                        help="the collection's index (auto: SPANN from 20,000 vectors)")
+    parser.add_argument("--nprobe", type=int, default=0, help="SPANN lists per query (0 = index default)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
 
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         url = f"grpc://127.0.0.1:{port}"
         try:
             client = RemoteClient(url, api_key=API_KEY)
-            client.create_collection(COLLECTION, dim=384)
+            client.create_collection(COLLECTION, dim=384, index=args.index)
             requests = [
                 pb.UpsertRequest(collection=COLLECTION, vectors=convert.to_pb_vectors(vectors[s:s + args.batch]),
                                  points=[pb.Point(id=ids[i], text=texts[i])
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             levels = [(int(c), 0.0) for c in args.clients.split(",") if c] + [
                 (int(c), float(r)) for c, r in (lvl.split("@") for lvl in args.open_loop.split(",") if lvl)]
             for clients, rate in levels:
-                row = run_concurrency(url, queries, clients, args.seconds, rate)
+                row = run_concurrency(url, queries, clients, args.seconds, rate, args.nprobe)
                 row["recall@10"] = recall_at_10(row.pop("results"), ids[: args.docs], exact)
                 rows.append(row)
                 print(f"{clients:>3} clients, {row['mode']:<24}: {row['qps']:7.1f} searches/s  "
@@ -227,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "metadata": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "docs": args.docs,
                      "codec": info["codec"], "bytes_per_vector": info["bytes_per_vector"],
+                     "index": info["index"], "nprobe": args.nprobe or None,
                      "cpus": os.cpu_count(), "seconds_per_level": args.seconds, "k": 10,
                      "clients": "separate processes, one channel each, searches back to back",
                      "server": "nestvec serve (own process), thread pool 16"},

@@ -193,7 +193,8 @@ class RemoteClient(ClientBase):
 
     def _stream(self, method: Callable[..., Iterator[T]], requests: Sequence[Any]) -> list[T]:
         try:
-            return list(method(iter(requests), metadata=self.metadata, timeout=self.timeout_s))
+            # No overall deadline: a bulk stream runs as long as its data takes (keepalives catch a dead peer).
+            return list(method(iter(requests), metadata=self.metadata))
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
 

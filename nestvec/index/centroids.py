@@ -68,6 +68,12 @@ class CentroidIndex:
         live = np.flatnonzero(self.active)
         self._prefix.add_with_ids(np.ascontiguousarray(self.centroids[live] @ self.rotation[:prefix_dim].T), live)
 
+    def _search_full(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        live = np.flatnonzero(self.active)
+        n = min(n, len(live))
+        dist, rows = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), self.centroids[live], n)
+        return dist, live[rows]
+
     def updated(self, changes: dict[int, np.ndarray | None]) -> CentroidIndex:
         """A new index with lists replaced, appended (ids past the end) or retired (None)."""
         size = max([len(self.centroids), *[i + 1 for i in changes]])
@@ -97,7 +103,13 @@ class CentroidIndex:
 
     def search(self, queries: np.ndarray, n: int, rerank: int = 4,
                chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """(squared L2 distances, list ids) [nq, n], nearest first, exact on the full centroids."""
+        """(squared L2 distances, list ids) [nq, n], nearest first, exact on the full centroids.
+
+        Few queries (the latency path): prefix search, then re-rank the candidates on all dims.
+        Many (assigning inserted vectors, batch search): one BLAS product over all centroids is
+        cheaper than gathering [nq, candidates, d] for the re-rank."""
+        if len(queries) > 64:
+            return self._search_full(queries, n)
         if len(queries) > chunk:  # bounds the [chunk, candidates, d] gather of the re-rank
             parts = [self.search(queries[i:i + chunk], n, rerank, chunk) for i in range(0, len(queries), chunk)]
             return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

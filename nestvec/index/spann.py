@@ -84,6 +84,21 @@ def assign_with_replicas(vectors: np.ndarray, centroids: CentroidIndex, config: 
 
 
 Lists = dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def two_means(x: np.ndarray, seed: int, iterations: int = 10) -> np.ndarray:
+    """Centres [2, d] of a few hundred vectors (a list split).
+
+    Written here because faiss.Kmeans costs ~20 ms a call in set-up and threads for 2 centroids
+    of 300 points; this loop is two matrix products per iteration, well under a millisecond."""
+    rng = np.random.default_rng(seed)
+    centres = x[rng.choice(len(x), 2, replace=False)].astype(np.float32)
+    for _ in range(iterations):
+        nearer_first = ((x - centres[0]) ** 2).sum(axis=1) <= ((x - centres[1]) ** 2).sum(axis=1)
+        if nearer_first.all() or not nearer_first.any():
+            break
+        centres = np.stack([x[nearer_first].mean(axis=0), x[~nearer_first].mean(axis=0)]).astype(np.float32)
+    return centres
 Apply = Callable[[], None]
 
 
@@ -250,9 +265,7 @@ class SpannIndex:
         self._append(txn, assigned, members_ids, members_codes, lists)
 
     def _split_oversized(self, lists: Lists) -> dict[int, np.ndarray | None]:
-        """Balanced 2-means on each list past the split limit: it keeps one half, a new list takes the other."""
-        import faiss
-
+        """2-means on each list past the split limit: it keeps one half, a new list takes the other."""
         updates: dict[int, np.ndarray | None] = {}
         free = self.centroids.free_ids()
         next_id = len(self.centroids)
@@ -267,10 +280,7 @@ class SpannIndex:
             core = vectors[primary] if primary.sum() >= 4 else vectors
             new_id = free.pop(0) if free else next_id
             next_id += 0 if new_id < next_id else 1
-            kmeans = faiss.Kmeans(vectors.shape[1], 2, niter=10, seed=self.config.seed + new_id,
-                                  min_points_per_centroid=1)
-            kmeans.train(core)
-            centres = np.asarray(kmeans.centroids)
+            centres = two_means(core, seed=self.config.seed + new_id)
             d = ((vectors[:, None, :] - centres[None]) ** 2).sum(axis=2)
             first, second = np.flatnonzero(d[:, 0] <= d[:, 1]), np.flatnonzero(d[:, 0] > d[:, 1])
             if not len(first) or not len(second):  # degenerate: fall back to a balanced cut
@@ -344,50 +354,54 @@ class SpannIndex:
         dist = np.sqrt(np.maximum(dist, 0))
         probe = dist <= (1 + cfg.eps2) * dist[:, :1]
         size = self.codec.bytes_per_vector
+        # A vector sits in at most 1 + replicas lists, so the best k * (1 + replicas) hold k distinct ids.
+        wide = k * (1 + self.config.replicas)
         with self.postings.env.begin(buffers=True) as txn:
             if len(queries) == 1:
                 parts = self.postings.read(txn, lists[0][probe[0]], size)
                 if parts:
                     ids = np.concatenate([p[1] for p in parts])
-                    # small blocks: the float32 copy of a block stays a few MB even under a memory cap
-                    scores = self.codec.scores(queries, np.concatenate([p[2] for p in parts]), block_rows=2048)[0]
-                    self._keep_best(0, ids, scores, k, allowed, best_scores, best_ids)
+                    scores, at = self.codec.top_scores(queries, np.concatenate([p[2] for p in parts]), wide,
+                                                       self._allowed(ids, allowed))
+                    found = at[0] >= 0
+                    self._take_distinct(0, ids[at[0][found]], scores[0][found], best_scores, best_ids)
                 return best_scores, best_ids
-            per_query: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
+            candidates: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
             q_of, list_of = np.nonzero(probe)
             list_of = lists[q_of, list_of]
             order = np.argsort(list_of, kind="stable")
             q_of, list_of = q_of[order], list_of[order]
             unique, starts = np.unique(list_of, return_index=True)
             ends = np.append(starts[1:], len(list_of))
-            for lo in range(0, len(unique), 256):  # prefetch a group of lists, then score each once
+            for lo in range(0, len(unique), 256):  # prefetch a group of lists, then scan each once
                 for list_id, ids, codes in self.postings.read(txn, unique[lo:lo + 256], size):
-                    at = int(np.searchsorted(unique, list_id))
-                    who = q_of[starts[at]:ends[at]]
-                    block = self.codec.scores(queries[who], codes)
+                    slot = int(np.searchsorted(unique, list_id))
+                    who = q_of[starts[slot]:ends[slot]]
+                    scores, pos = self.codec.top_scores(queries[who], codes, wide, self._allowed(ids, allowed))
                     for row, qi in enumerate(who.tolist()):
-                        per_query[qi].append((ids, block[row]))
-            for qi, found in enumerate(per_query):
+                        found = pos[row] >= 0
+                        candidates[qi].append((ids[pos[row][found]], scores[row][found]))
+            for qi, found in enumerate(candidates):
                 if found:
-                    self._keep_best(qi, np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found]),
-                                    k, allowed, best_scores, best_ids)
+                    self._take_distinct(qi, np.concatenate([f[0] for f in found]),
+                                        np.concatenate([f[1] for f in found]), best_scores, best_ids)
         return best_scores, best_ids
 
-    def _keep_best(self, qi: int, ids: np.ndarray, scores: np.ndarray, k: int, allowed: np.ndarray | None,
-                   best_scores: np.ndarray, best_ids: np.ndarray) -> None:
-        """Top k distinct live (and allowed) ids of one query's candidates into row qi."""
-        banned = self.is_dead(ids) if len(self._dead) else None
+    def _allowed(self, ids: np.ndarray, allowed: np.ndarray | None) -> np.ndarray | None:
+        """Mask of candidates that may be returned (live, and passing the filter); None for all."""
+        keep = ~self.is_dead(ids) if len(self._dead) else None
         if allowed is not None:
-            banned = ~_lookup(allowed, ids) if banned is None else banned | ~_lookup(allowed, ids)
-        if banned is not None:
-            scores = np.where(banned, -np.inf, scores).astype(np.float32)
-        # A vector sits in at most 1 + replicas lists, so the best k * (1 + replicas) hold k distinct ids.
-        wide = min(len(ids), k * (1 + self.config.replicas))
-        top = np.argpartition(-scores, wide - 1)[:wide] if wide < len(ids) else np.arange(len(ids))
-        order = top[np.lexsort((ids[top], -scores[top]))]
-        _, first = np.unique(ids[order], return_index=True)  # replicas: keep each id once
+            keep = _lookup(allowed, ids) if keep is None else keep & _lookup(allowed, ids)
+        return keep
+
+    @staticmethod
+    def _take_distinct(qi: int, ids: np.ndarray, scores: np.ndarray, best_scores: np.ndarray,
+                       best_ids: np.ndarray) -> None:
+        """Top k distinct ids of one query's candidates into row qi (replicas appear more than once)."""
+        k = best_ids.shape[1]
+        order = np.lexsort((ids, -scores))
+        _, first = np.unique(ids[order], return_index=True)
         keep = order[np.sort(first)[:k]]
-        keep = keep[np.isfinite(scores[keep])]
         best_scores[qi, : len(keep)] = scores[keep]
         best_ids[qi, : len(keep)] = ids[keep]
 
