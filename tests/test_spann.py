@@ -53,7 +53,7 @@ def test_replicas_follow_closure_and_rng_rules(built: tuple[SpannIndex, Path],
     base = data[0][:2000]
     assigned = assign_with_replicas(base, index.centroids, index.config)
     count = (assigned >= 0).sum(axis=1)
-    assert count.min() >= 1 and count.max() <= 1 + index.config.replicas and count.mean() > 1.5
+    assert count.min() >= 1 and count.max() <= 1 + index.config.replicas and count.mean() > 1.2
     # the first list is the nearest centroid; replicas are within (1 + eps1) of it
     c = index.centroids.centroids
     d_first = np.linalg.norm(base - c[assigned[:, 0]], axis=1)
@@ -109,7 +109,7 @@ def test_live_inserts_and_deletes_match_a_fresh_build(data: tuple[np.ndarray, np
     rng = np.random.default_rng(1)
     ids = np.arange(N) * 10 + 7
     codec = make_codec("int8", 384).fit(base[:4096])
-    config = SpannConfig(posting_limit=64)
+    config = SpannConfig(posting_limit=64, split_limit=72)  # low, so the live inserts split lists
     env = lmdb.open(str(tmp_path / "live.lmdb"), map_size=1 << 30, max_dbs=8, readahead=False)
     live = SpannIndex.build(base[:16_000], ids[:16_000], codec, env, config)
     lists_before = len(live.centroids)

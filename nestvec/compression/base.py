@@ -6,6 +6,7 @@ JSON config + .npy arrays (no pickle).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,6 +56,11 @@ class Quantizer(Protocol):
 
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Inner products [nq, n] of float32 queries with one block of codes."""
+        ...
+
+    def scorer(self, queries: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        """block_scores with the per-query work done once: scanning many small posting lists
+        pays it per list otherwise."""
         ...
 
     def faiss_index(self) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import faiss
@@ -37,6 +38,10 @@ class FloatQuantizer:
 
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return queries @ self.decode(codes).T
+
+    def scorer(self, queries: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        transposed = np.ascontiguousarray(queries.T)
+        return lambda codes: self.decode(codes) @ transposed
 
     def faiss_index(self) -> Any:
         if self.name == "fp32":
@@ -90,6 +95,10 @@ class Float8Quantizer:
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return queries @ self._table[codes].T
 
+    def scorer(self, queries: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        transposed = np.ascontiguousarray(queries.T)
+        return lambda codes: self._table[codes] @ transposed
+
     def faiss_index(self) -> Any:
         return None  # faiss has no float8 scalar quantizer
 
@@ -132,6 +141,10 @@ class Int8Quantizer:
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         out: np.ndarray = (queries * self.step) @ codes.T.astype(np.float32)
         return out + (queries @ self.low)[:, None]
+
+    def scorer(self, queries: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        scaled, shift = np.ascontiguousarray((queries * self.step).T), (queries @ self.low)[None, :]
+        return lambda codes: codes.astype(np.float32) @ scaled + shift
 
     def faiss_index(self) -> Any:
         """faiss's QT_8bit decodes vmin + (c + 0.5) * vdiff / 255: shift vmin by half a step to match ours."""
@@ -181,6 +194,10 @@ class BinaryQuantizer:
 
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         return (queries * self.alpha) @ self._signs(codes).T
+
+    def scorer(self, queries: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        scaled = np.ascontiguousarray((queries * self.alpha).T)
+        return lambda codes: self._signs(codes) @ scaled
 
     def faiss_index(self) -> Any:
         return None  # faiss scans bits by Hamming distance; ours is an asymmetric float score

@@ -19,18 +19,43 @@ class ClusteringConfig:
     posting_limit: int = 96      # [PostingVectorLimit] most vectors a list is built with
     branching: int = 16          # k of each k-means level
     iterations: int = 12
+    # Lloyd passes over all leaves after the hierarchy: a vector sent down the wrong branch near
+    # the top can never reach its nearest leaf otherwise (then oversized leaves are split again).
+    refine: int = 2
     seed: int = 0
 
 
 def balanced_kmeans(x: np.ndarray, config: ClusteringConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Recursive faiss k-means until every cluster holds <= posting_limit vectors.
+    """Hierarchical faiss k-means into lists of <= posting_limit vectors, refined globally.
 
-    Returns (labels [n], centroids [m, d]). The loop is over clusters, each split vectorised.
+    Returns (labels [n], centroids [m, d]). The loops are over clusters, each step vectorised.
     """
+    labels, centroids = _split_until_small(x, np.arange(len(x)), config, [])
+    for _ in range(config.refine):
+        _, nearest = faiss.knn(x, centroids, 1)
+        kept, labels = np.unique(nearest[:, 0], return_inverse=True)
+        sizes = np.bincount(labels, minlength=len(kept))
+        sums = np.zeros((len(kept), x.shape[1]), dtype=np.float64)
+        np.add.at(sums, labels, x)
+        means = (sums / sizes[:, None]).astype(np.float32)
+        fits = sizes <= config.posting_limit
+        renumber = np.cumsum(fits) - 1
+        refined = [means[c] for c in np.flatnonzero(fits).tolist()]
+        new_labels = np.where(fits[labels], renumber[labels], -1)
+        for cluster in np.flatnonzero(~fits).tolist():
+            members = np.flatnonzero(labels == cluster)
+            new_labels[members] = _split_until_small(x, members, config, refined)[0][members]
+        labels, centroids = new_labels, np.ascontiguousarray(np.stack(refined), dtype=np.float32)
+    return labels, centroids
+
+
+def _split_until_small(x: np.ndarray, members_all: np.ndarray, config: ClusteringConfig,
+                       centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Recursive k-means of x[members_all] until every cluster holds <= posting_limit vectors;
+    new centroids are appended to `centroids` (labels continue its numbering)."""
     n, d = x.shape
-    labels = np.zeros(n, dtype=np.int64)
-    pending = [np.arange(n)]
-    centroids: list[np.ndarray] = []
+    labels = np.full(n, -1, dtype=np.int64)
+    pending = [members_all]
     while pending:
         members = pending.pop()
         if len(members) <= config.posting_limit:
