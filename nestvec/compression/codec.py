@@ -106,10 +106,10 @@ class Codec:
             out[:, start:start + block.shape[1]] = block
         return out
 
-    def scores_parts(self, queries: np.ndarray, parts: Sequence[np.ndarray], block_rows: int = 256) -> np.ndarray:
+    def scores_parts(self, queries: np.ndarray, parts: Sequence[np.ndarray], block_rows: int = 512) -> np.ndarray:
         """Scores [nq, sum of rows] against several blocks of codes (posting lists) without first
         concatenating them. Small blocks keep each block's float32 copy in cache: measured on
-        16,000 int8 codes of 384 dims, 0.84 ms in 256-row blocks against 1.7 ms in 2,048-row
+        16,000 int8 codes of 384 dims, 0.84 ms in blocks of a list (~250 rows) against 1.7 ms in 2,048-row
         blocks and 3.8 ms through faiss's QT_8bit scan (which also needs the codes copied in)."""
         prepared, offset = self.prepare_queries(queries)
         score = self.quantizer.scorer(prepared)  # returns [rows, nq]

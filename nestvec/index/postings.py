@@ -30,19 +30,6 @@ def _willneed(address: int, length: int) -> None:
     _madvise(start, address + length - start, _MADV_WILLNEED)
 
 
-def prefetch(blobs: list[memoryview]) -> None:
-    """Ask the kernel for every list's pages at once (MADV_WILLNEED on the LMDB map).
-
-    With LMDB's readahead off (right for random reads under a memory cap), touching a 70 KB value
-    faults in one 4 KB page at a time; hinting each whole value first turns that into one read
-    per list, issued together."""
-    if _madvise is None:
-        return
-    for blob in blobs:
-        if len(blob):
-            _willneed(np.frombuffer(blob, dtype=np.uint8).ctypes.data, len(blob))
-
-
 def list_key(list_id: int) -> bytes:
     return struct.pack(">I", list_id)  # big-endian: keys sort by list id
 
@@ -134,13 +121,17 @@ class PostingStore:
             for list_id in list_ids:
                 if list_id in self._where:
                     _willneed(*self._where[list_id])
-        found: list[tuple[int, Any]] = []
+        found = []
         for list_id in list_ids:
-            blob = txn.get(list_key(int(list_id)), db=self.db)
-            if blob is not None:
-                found.append((int(list_id), blob))
-        views = [(list_id, blob) for list_id, blob in found if isinstance(blob, memoryview) and len(blob)]
-        prefetch([blob for _, blob in views])
-        for list_id, blob in views:
-            self._where[list_id] = (np.frombuffer(blob, dtype=np.uint8).ctypes.data, len(blob))
+            blob = txn.get(list_key(list_id), db=self.db)
+            if blob is None:
+                continue
+            if _madvise is not None and isinstance(blob, memoryview) and len(blob):
+                # Hint every list's pages before any is touched (one read per list, issued
+                # together); skip lists hinted above at the same place.
+                where = (np.frombuffer(blob, dtype=np.uint8, count=1).__array_interface__["data"][0], len(blob))
+                if self._where.get(list_id) != where:
+                    _willneed(*where)
+                    self._where[list_id] = where
+            found.append((list_id, blob))
         return [(list_id, *unpack_list(blob, code_size)) for list_id, blob in found]

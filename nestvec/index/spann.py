@@ -31,17 +31,18 @@ INDEX_FORMAT_VERSION = 1
 
 @dataclass(frozen=True)
 class SpannConfig:
-    posting_limit: int = 128  # [PostingVectorLimit]
+    posting_limit: int = 192  # [PostingVectorLimit]
     branching: int = 16
     replicas: int = 4         # [ReplicaCount] extra lists a boundary vector may join
     eps1: float = 0.10        # closure: join list j if d(x, c_j) <= (1 + eps1) d(x, c_1)
     # [RNGFactor] skip j if d(c_j, c_s) * rng_factor < d(x, c_j). Swept on wiki250k (150k MiniLM,
-    # int8 codes, nprobe 64, one thread): limit 96 / 8 replicas / 2.0 gave recall@10 0.958 at
-    # 3.9 ms scanning 2.7 entries per vector; limit 128 / 4 / 1.5 gives 0.957 at 2.5 ms with 1.55;
-    # at 1.0 almost nothing replicates (0.928: replicas are what lift recall at a fixed nprobe).
+    # int8 codes, one thread, recall@10): limit 96 / 8 replicas / 2.0 at nprobe 64: 0.958 in 3.9 ms
+    # (2.7 entries per vector); limit 128 / 4 / 1.5 at 64: 0.957 in 2.5 ms (1.55 per vector);
+    # limit 192 / 4 / 1.5 at 48: 0.961 in 2.0 ms (fewer, longer lists: less work per list); at
+    # RNG 1.0 almost nothing replicates (0.928 at limit 128, nprobe 64).
     rng_factor: float = 1.5
     prefix_dim: int = 64      # centroid search dims (AdANNS)
-    nprobe: int = 64          # most lists probed per query
+    nprobe: int = 48          # most lists probed per query
     eps2: float = 0.25        # query-aware pruning: probe j if d(q, c_j) <= (1 + eps2) d(q, c_1)
     # Live inserts split a list past this many entries (replicas included; 0 = 2 x posting_limit,
     # since built lists hold up to the limit in primaries plus their share of boundary replicas).
