@@ -402,6 +402,25 @@ class Collection:
         self.index = FlatIndex(self.codec)  # the flat copy of every code is no longer needed
         self._deleted_since_purge = 0
 
+    def flush_index(self) -> None:
+        """Move the write buffer into the posting lists now (the end of a bulk load); no-op for flat."""
+        self._check_open()
+        with self._lock.write():
+            if self.spann is not None and self.spann.buffer.rows:
+                self._flush()
+
+    def rebuild_index(self) -> None:
+        """Re-cluster the SPANN index from all live vectors now (what a growing collection does by
+        itself each time it doubles): lists balanced afresh, tombstones and the write buffer gone."""
+        self._check_open()
+        if self.config.index == "flat":
+            raise FailedPreconditionError(f"collection {self.name!r} uses the flat index; it has nothing to rebuild")
+        with self._lock.write():
+            if self._staged or not self.codec.fitted or self.count() < 2:
+                raise FailedPreconditionError(
+                    f"collection {self.name!r} needs a fitted codec and at least 2 vectors before an index is built")
+            self._build_spann()
+
     def _flush(self) -> None:
         """Write buffer -> posting lists, in one transaction; rebuild once the collection has doubled."""
         spann = self.spann

@@ -11,7 +11,7 @@ import pytest
 import nestvec
 import nestvec.collection
 from nestvec.collection import Collection
-from nestvec.errors import InvalidArgumentError
+from nestvec.errors import FailedPreconditionError, InvalidArgumentError
 from nestvec.index.buffered import BufferedSpann
 from realdata import DATA
 
@@ -170,3 +170,33 @@ def test_bad_index_kind(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError) as err:
         nestvec.connect(tmp_path).create_collection("x", encoder=None, dim=8, index="hnsw")
     assert err.value.field == "index" and not (tmp_path / "x").exists()
+
+
+def test_rebuild_index_on_demand(tmp_path: Path, wiki: tuple[np.ndarray, np.ndarray]) -> None:
+    base, queries = wiki
+    client = nestvec.connect(tmp_path)
+    flat = client.create_collection("flat", encoder=None, dim=384, index="flat")
+    _fill(flat, base, 0, 1500)
+    with pytest.raises(FailedPreconditionError):
+        flat.rebuild_index()
+    col = client.create_collection("s", encoder=None, dim=384, index="spann")
+    stored = _fill(col, base, 0, 3000)
+    col.delete([f"d{i}" for i in range(0, 3000, 7)])
+    for i in range(0, 3000, 7):
+        stored.pop(f"d{i}")
+    col.rebuild_index()
+    info = col.info()["index"]
+    assert info["built_count"] == len(stored) and info["buffered"] == 0 and info["tombstones"] == 0
+    assert _recall(col, queries, stored) >= 0.9
+    client.close()
+    reopened = nestvec.connect(tmp_path).get_collection("s")
+    assert reopened.info()["index"] == info and _recall(reopened, queries, stored) >= 0.9
+
+
+def test_flush_index_empties_the_write_buffer(tmp_path: Path, wiki: tuple[np.ndarray, np.ndarray]) -> None:
+    base, queries = wiki
+    col = nestvec.connect(tmp_path).create_collection("b", encoder=None, dim=384, index="spann")
+    stored = _fill(col, base, 0, 1600)
+    assert col.info()["index"]["buffered"] > 0
+    col.flush_index()
+    assert col.info()["index"]["buffered"] == 0 and _recall(col, queries, stored) >= 0.9

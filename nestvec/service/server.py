@@ -123,11 +123,16 @@ class PointsService(pb_grpc.PointsServicer):
 
     def UpsertStream(self, requests: Iterator[pb.UpsertRequest],
                      context: grpc.ServicerContext) -> Iterator[pb.UpsertResponse]:
-        """Each batch commits in its own transaction and is acknowledged; a bad batch ends the stream."""
-        batch = -1
+        """Each batch commits in its own transaction and is acknowledged; a bad batch ends the stream.
+        When the stream ends, what the collections still hold in their write buffers is indexed, so
+        a bulk load is fully indexed once the call returns."""
+        batch, touched = -1, set()
         try:
             for batch, request in enumerate(requests):
                 yield pb.UpsertResponse(written=self._upsert(request), batch=batch)
+                touched.add(request.collection)
+            for name in sorted(touched):
+                self.catalog.get_collection(name).flush_index()
         except NestvecError as err:
             err.message = f"batch {batch}: {err.message} (batches before it are committed)"
             _abort(context, err)

@@ -73,3 +73,24 @@ def test_same_errors_on_both_transports_and_nothing_changes(any_client: ClientBa
     if field is not None:
         assert raised.value.field == field and str(raised.value).startswith(field)
     assert ([(h.id, h.score) for h in col.search(VECTORS[0], k=10)], col.count(), col.get(IDS[:50])) == before
+
+
+@pytest.mark.parametrize("nprobe", [-1, 70_000, 2.5])
+def test_bad_nprobe_is_the_same_error_in_both_modes(any_client: ClientBase, nprobe: object) -> None:
+    col = _filled(any_client, 20)
+    with pytest.raises(InvalidArgumentError) as err:
+        col.search(VECTORS[0], k=3, nprobe=nprobe)  # type: ignore[arg-type]
+    assert err.value.field == "nprobe"
+    assert col.search(VECTORS[0], k=3, nprobe=8)[0].id == IDS[0]  # the flat index takes and ignores it
+
+
+def test_index_choice_travels(any_client: ClientBase) -> None:
+    col = any_client.create_collection("spann", encoder=None, dim=384, index="spann")
+    col.upsert(IDS[:1500], vectors=VECTORS[:1500])
+    assert col.info()["index"]["kind"] == "spann"
+    assert col.search(VECTORS[7], k=1, nprobe=16)[0].id == IDS[7]
+    with pytest.raises(AlreadyExistsError, match="index"):
+        any_client.create_collection("spann", encoder=None, dim=384, index="flat", exist_ok=True)
+    with pytest.raises(InvalidArgumentError) as err:
+        any_client.create_collection("other", encoder=None, dim=384, index="hnsw")
+    assert err.value.field == "index"
