@@ -123,7 +123,7 @@ def _pack(value: int) -> bytes:
     return struct.pack(">q", value)
 
 
-def _check_nprobe(nprobe: int | None) -> int | None:
+def check_nprobe(nprobe: int | None) -> int | None:
     if nprobe is None or nprobe == 0:
         return None
     if isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or not 1 <= nprobe <= 65_536:
@@ -560,7 +560,7 @@ class Collection:
         (more: higher recall, slower); the flat index ignores it."""
         self._check_open()
         k = _check_k(k)
-        nprobe = _check_nprobe(nprobe)
+        nprobe = check_nprobe(nprobe)
         with self._lock.read():
             allowed = self.metadata.evaluate(filter)
         vectors = self.embed_queries(queries, model)

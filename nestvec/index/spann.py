@@ -27,6 +27,10 @@ from nestvec.index.postings import PostingStore
 from nestvec.index.topk import empty_topk
 
 INDEX_FORMAT_VERSION = 1
+# Up to this many queries are searched one by one; larger batches read each list once for all the
+# queries probing it (1,000 wiki250k queries: 0.72 s grouped against 1.7 s one by one; for a few
+# queries the grouping's per-list bookkeeping costs more than it saves).
+SMALL_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -360,12 +364,13 @@ class SpannIndex:
         # A vector sits in at most 1 + replicas lists, so the best k * (1 + replicas) hold k distinct ids.
         wide = k * (1 + self.config.replicas)
         with self.postings.env.begin(buffers=True) as txn:
-            if len(queries) == 1:
-                parts = self.postings.read(txn, lists[0][probe[0]], size)
-                if parts:
-                    ids = np.concatenate([p[1] for p in parts])
-                    scores = self.codec.scores_parts(queries, [p[2] for p in parts])
-                    self._take_distinct(0, *self._widest(ids, scores, wide, allowed)[0], best_scores, best_ids)
+            if len(queries) <= SMALL_BATCH:  # grouping by list pays only when many queries share lists
+                for qi in range(len(queries)):
+                    parts = self.postings.read(txn, lists[qi][probe[qi]], size)
+                    if parts:
+                        ids = np.concatenate([p[1] for p in parts])
+                        scores = self.codec.scores_parts(queries[qi:qi + 1], [p[2] for p in parts])
+                        self._take_distinct(qi, *self._widest(ids, scores, wide, allowed)[0], best_scores, best_ids)
                 return best_scores, best_ids
             candidates: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
             q_of, list_of = np.nonzero(probe)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -19,9 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nestvec.catalog import DEFAULT_CODEC, Catalog
-from nestvec.collection import Collection
+from nestvec.collection import Collection, check_nprobe
 from nestvec.encoders import BUNDLED_MODEL
 from nestvec.errors import NestvecError, ResourceExhaustedError, invalid
+from nestvec.service.coalesce import SearchCoalescer
 from nestvec.service.interceptors import AuthInterceptor, MethodStats, StatsInterceptor
 from nestvec.types import Hit
 from nestvec.wire import convert
@@ -98,13 +98,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
 
 
 class PointsService(pb_grpc.PointsServicer):
-    def __init__(self, catalog: Catalog, search_slots: int | None = None) -> None:
+    def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        # Searches are many short numpy / LMDB calls, each dropping and retaking the GIL; with 8+
-        # searches at once every retake waits out another thread's switch interval (a GIL convoy:
-        # 8 clients got 160 searches/s where 1 got 219). Running as many as there are cores, the
-        # rest queued, keeps each one short.
-        self._search_slots = threading.BoundedSemaphore(search_slots or os.cpu_count() or 2)
+        self._searches = SearchCoalescer()
 
     def _upsert(self, request: pb.UpsertRequest) -> int:
         if len(request.points) > MAX_BATCH_POINTS:
@@ -156,7 +152,7 @@ class PointsService(pb_grpc.PointsServicer):
                 params: pb.SearchParams, model: str) -> list[list[Hit]]:
         collection = self.catalog.get_collection(collection_name)
         flt = convert.from_json(filter_json, "filter")
-        with self._search_slots:
+        with self._searches.exclusive():
             return collection.search_batch(queries, _k(k), flt, model=model or None,
                                            rescore_candidates=params.rescore_candidates or None,
                                            nprobe=params.nprobe or None)
@@ -172,8 +168,19 @@ class PointsService(pb_grpc.PointsServicer):
                 raise invalid("vector", f"must hold exactly one row, got {len(query)}")
         else:
             query = [request.text]
-        hits = self._search(request.collection, query, request.k, request.filter_json, request.params, request.model)
-        return pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits[0]])
+        # Everything that can be wrong with one request is checked here, before it can share a
+        # turn with others: the query (dimension, NaN, model; texts are encoded), k, nprobe, filter.
+        collection = self.catalog.get_collection(request.collection)
+        k, nprobe = _k(request.k), check_nprobe(request.params.nprobe or None)
+        rescore = request.params.rescore_candidates or None
+        flt = convert.from_json(request.filter_json, "filter")
+        if flt is not None:
+            collection.metadata.evaluate(flt)
+        vector = collection.embed_queries(query, request.model or None)
+        key = (id(collection), k, request.filter_json, rescore, nprobe)
+        hits = self._searches.search(key, vector[0], lambda vectors: collection.search_batch(
+            vectors, k, flt, rescore_candidates=rescore, nprobe=nprobe))
+        return pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits])
 
     @rpc
     def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> pb.SearchBatchResponse:
