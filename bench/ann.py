@@ -65,10 +65,10 @@ NLIST = 1549
 NESTVEC = ("nestvec-flat", "nestvec-spann")
 FAISS_IVF = ("faiss-ivf", "faiss-ondisk")
 KINDS = NESTVEC + FAISS_IVF + peers.PEERS
-DEFAULT_CAPPED = ("nestvec-spann@32,nestvec-spann@48,nestvec-spann@64,faiss-ondisk@64,lancedb-ivfpq@32,"
+DEFAULT_CAPPED = ("nestvec-spann@64,nestvec-spann@96,nestvec-spann@128,faiss-ondisk@64,lancedb-ivfpq@32,"
                   "lancedb-ivfpq@64,diskann@64,faiss-hnsw@64")
 # The knob giving recall@10 nearest 0.95 for each index (PEERS.md and bench/results/ann.json).
-DEFAULT_BATCHED = ("nestvec-flat@0,nestvec-spann@48,nestvec-spann@64,faiss-ivf@64,faiss-ondisk@64,faiss-hnsw@64,"
+DEFAULT_BATCHED = ("nestvec-flat@0,nestvec-spann@96,nestvec-spann@128,faiss-ivf@64,faiss-ondisk@64,faiss-hnsw@64,"
                    "lancedb-ivfpq@32,diskann@64")
 
 
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", metavar="KINDS",
                         help="comma list of indexes to build and measure (default: all); a run with --only "
                              "writes ann-only.json / ann-only.png, not ann.json")
-    parser.add_argument("--nestvec-nprobe", default="24,32,48,64,96", help="nestvec-spann nprobe sweep")
+    parser.add_argument("--nestvec-nprobe", default="32,48,64,96,128,192", help="nestvec-spann nprobe sweep")
     parser.add_argument("--ivf-nprobe", default="16,32,64,128", help="faiss-ivf and faiss-ondisk nprobe sweep")
     parser.add_argument("--hnsw-ef", default="32,64,128", help="faiss-hnsw efSearch sweep")
     parser.add_argument("--lance-nprobes", default="16,32,64", help="lancedb-ivfpq nprobes sweep")

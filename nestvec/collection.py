@@ -602,7 +602,7 @@ class Collection:
         # Probe more lists, as fewer of each list's vectors pass: recall holds at a bounded cost.
         widen = min(MAX_FILTER_WIDEN, int(np.ceil(self.count() / passing)))
         config = self.spann.spann.config
-        return self.spann.search(vectors, k, allowed, (nprobe or config.nprobe) * widen, config.eps2 * widen)
+        return self.spann.search(vectors, k, allowed, (nprobe or config.nprobe) * widen)  # eps2 widens with it
 
     def _scan_rows(self, vectors: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Exact scan of just these rows' codes, read from the store (a selective filter)."""

@@ -46,8 +46,11 @@ class SpannConfig:
     # RNG 1.0 almost nothing replicates (0.928 at limit 128, nprobe 64).
     rng_factor: float = 1.5
     prefix_dim: int = 64      # centroid search dims (AdANNS)
-    nprobe: int = 48          # most lists probed per query
-    eps2: float = 0.25        # query-aware pruning: probe j if d(q, c_j) <= (1 + eps2) d(q, c_1)
+    nprobe: int = 96          # most lists probed per query
+    # Query-aware pruning: probe j only if d(q, c_j) <= (1 + eps2) d(q, c_1). On wiki250k, nprobe 96
+    # with eps2 0.16 reads fewer lists than nprobe 48 with 0.25 at the same recall@10 (0.960 in
+    # 1.4 ms against 0.961 in 1.9 ms, one run): the rule keeps the lists a query needs, not a fixed count.
+    eps2: float = 0.16
     # Live inserts split a list past this many entries (replicas included; 0 = 2 x posting_limit,
     # since built lists hold up to the limit in primaries plus their share of boundary replicas).
     split_limit: int = 0
@@ -352,8 +355,11 @@ class SpannIndex:
         if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer)
                                    or nprobe < 1):
             raise invalid("nprobe", f"must be a positive integer, got {nprobe!r}")
+        # Asking for more lists than the default also loosens the pruning in proportion, so a
+        # larger nprobe keeps buying recall instead of stopping at the pruning bound.
+        wider = max(1.0, (nprobe or self.config.nprobe) / self.config.nprobe)
         cfg = replace(self.config, nprobe=nprobe or self.config.nprobe,
-                      eps2=self.config.eps2 if eps2 is None else eps2)
+                      eps2=self.config.eps2 * wider if eps2 is None else eps2)
         best_scores, best_ids = empty_topk(len(queries), k)
         if not self.centroids.live_count:
             return best_scores, best_ids
