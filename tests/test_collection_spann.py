@@ -200,3 +200,15 @@ def test_flush_index_empties_the_write_buffer(tmp_path: Path, wiki: tuple[np.nda
     assert col.info()["index"]["buffered"] > 0
     col.flush_index()
     assert col.info()["index"]["buffered"] == 0 and _recall(col, queries, stored) >= 0.9
+
+
+def test_rescoring_from_disk_on_a_spann_collection(tmp_path: Path, wiki: tuple[np.ndarray, np.ndarray]) -> None:
+    base, queries = wiki
+    client = nestvec.connect(tmp_path)
+    plain = client.create_collection("plain", encoder=None, dim=384, codec="binary", index="spann")
+    rescored = client.create_collection("rescored", encoder=None, dim=384, codec="binary+rescore:fp16", index="spann")
+    stored = _fill(plain, base, 0, 3000)
+    _fill(rescored, base, 0, 3000)
+    assert rescored.info()["index"]["kind"] == "spann"
+    assert _recall(rescored, queries, stored) >= _recall(plain, queries, stored) + 0.1  # binary alone ranks poorly
+    assert _recall(rescored, queries, stored) >= 0.85
