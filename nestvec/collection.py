@@ -425,28 +425,26 @@ class Collection:
         """Write buffer -> posting lists, in one transaction; rebuild once the collection has doubled."""
         spann = self.spann
         assert spann is not None
-        staged: list[Callable[[], None]] = []
-
-        def write(txn: lmdb.Transaction) -> None:
-            staged[:] = [spann.stage_flush(txn)]
-
-        self.store.transact(write, {FLUSHED_UPTO: _pack(spann.next_vid)})
-        staged[0]()
+        self._commit_index(spann.stage_flush, {FLUSHED_UPTO: _pack(spann.next_vid)})
         if self.count() >= REBUILD_GROWTH * max(self._meta_int(BUILT_COUNT), 1):
             self._build_spann()
 
     def _purge(self) -> None:
         """Rewrite the lists that hold tombstones; merge the ones left small."""
-        spann = self.spann
-        assert spann is not None
+        assert self.spann is not None
+        self._commit_index(self.spann.spann.stage_purge)
+        self._deleted_since_purge = 0
+
+    def _commit_index(self, stage: Callable[[lmdb.Transaction], Callable[[], None]],
+                      meta: dict[bytes, bytes] | None = None) -> None:
+        """Run an index change in one transaction of its own, then swap its in-RAM state in."""
         staged: list[Callable[[], None]] = []
 
         def write(txn: lmdb.Transaction) -> None:
-            staged[:] = [spann.spann.stage_purge(txn)]
+            staged[:] = [stage(txn)]
 
-        self.store.transact(write)
+        self.store.transact(write, meta)
         staged[0]()
-        self._deleted_since_purge = 0
 
     def fit_codec(self, sample: Any) -> None:
         """Fit the codec on a representative sample now (while its vectors are still staged or none exist)."""

@@ -163,25 +163,23 @@ class LmdbStore:
 
     def load(self, code_size: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
         """All (keys, documents, codes) in key order, for rebuilding the in-RAM index on open."""
-        with self.env.begin() as txn:
-            code_items = list(txn.cursor(db=self._codes).iternext(keys=True, values=True))
-            doc_items = list(txn.cursor(db=self._docs).iternext(keys=True, values=True))
-        keys = [k for k, _ in code_items]
-        if [k for k, _ in doc_items] != keys:
-            raise RuntimeError(f"{self.path}: documents and codes disagree; the store is damaged")
-        codes = np.frombuffer(b"".join(v for _, v in code_items), dtype=np.uint8).reshape(len(keys), code_size)
-        return keys, [v for _, v in doc_items], codes.copy()
+        keys, documents, codes = self._side_by_side(self._codes, "codes")
+        return keys, documents, np.frombuffer(b"".join(codes), dtype=np.uint8).reshape(len(keys), code_size).copy()
 
     def load_keyed(self) -> tuple[list[bytes], list[bytes], np.ndarray]:
         """(keys, documents, vids) without the codes: what an index kept on disk needs on open."""
+        keys, documents, vids = self._side_by_side(self._vids, "index ids")
+        return keys, documents, np.frombuffer(b"".join(vids), dtype=">i8").astype(np.int64)
+
+    def _side_by_side(self, db: lmdb._Database, what: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
+        """(keys, documents, values of `db`), checking both hold the same keys."""
         with self.env.begin() as txn:
             doc_items = list(txn.cursor(db=self._docs).iternext(keys=True, values=True))
-            vid_items = list(txn.cursor(db=self._vids).iternext(keys=True, values=True))
+            items = list(txn.cursor(db=db).iternext(keys=True, values=True))
         keys = [k for k, _ in doc_items]
-        if [k for k, _ in vid_items] != keys:
-            raise RuntimeError(f"{self.path}: documents and index ids disagree; the store is damaged")
-        vids = np.frombuffer(b"".join(v for _, v in vid_items), dtype=">i8").astype(np.int64)
-        return keys, [v for _, v in doc_items], vids
+        if [k for k, _ in items] != keys:
+            raise RuntimeError(f"{self.path}: documents and {what} disagree; the store is damaged")
+        return keys, [v for _, v in doc_items], [v for _, v in items]
 
     def get_codes(self, keys: Sequence[bytes], code_size: int) -> np.ndarray:
         return self._fixed_size(self._codes, keys, code_size, "codes")
