@@ -168,14 +168,13 @@ class PointsService(pb_grpc.PointsServicer):
                 raise invalid("vector", f"must hold exactly one row, got {len(query)}")
         else:
             query = [request.text]
-        # Everything that can be wrong with one request is checked here, before it can share a
-        # turn with others: the query (dimension, NaN, model; texts are encoded), k, nprobe, filter.
+        # What can be wrong with one request alone is checked here, before it can share a turn:
+        # the query (dimension, NaN, model; texts are encoded), k, nprobe. The filter is part of the
+        # turn's key, so a bad filter fails only the requests that sent that same filter.
         collection = self.catalog.get_collection(request.collection)
         k, nprobe = _k(request.k), check_nprobe(request.params.nprobe or None)
         rescore = request.params.rescore_candidates or None
         flt = convert.from_json(request.filter_json, "filter")
-        if flt is not None:
-            collection.metadata.evaluate(flt)
         vector = collection.embed_queries(query, request.model or None)
         key = (id(collection), k, request.filter_json, rescore, nprobe)
         hits = self._searches.search(key, vector[0], lambda vectors: collection.search_batch(
