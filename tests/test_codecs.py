@@ -143,3 +143,29 @@ def test_scores_are_computed_in_blocks(data: tuple[np.ndarray, np.ndarray]) -> N
     blocks = list(codec.iter_scores(queries, codes, block_rows=1000))
     assert [b.shape[1] for _, b in blocks] == [1000, 1000, 1000]
     assert np.allclose(np.concatenate([b for _, b in blocks], axis=1), codec.scores(queries, codes))
+
+
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "int8", "fp8", "binary", "pca192+int8"])
+def test_top_parts_returns_the_best_rows_of_the_parts(data: tuple[np.ndarray, np.ndarray], spec: str) -> None:
+    """Through faiss's scanner (fp32, fp16, int8) or numpy (the rest): the same rows and scores as
+    scoring every code, masked rows never returned, and fewer rows than asked padded with -1."""
+    docs, queries = data
+    codec = make_codec(spec, 384).fit(docs[:1000])
+    codes = codec.encode(docs[:2000])
+    parts = [codes[a:b] for a, b in [(0, 150), (150, 151), (151, 900), (900, 2000)]]  # posting lists, uneven
+    keep = np.random.default_rng(0).random(len(codes)) < 0.7
+    expected = codec.scores(queries[:3], codes)
+    for mask in (None, keep):
+        scores, rows = codec.top_parts(queries[:3], parts, 40, mask)
+        assert scores.shape == rows.shape == (3, 40) and (rows >= 0).all()
+        for q in range(3):
+            allowed = expected[q] if mask is None else np.where(mask, expected[q], -np.inf)
+            assert np.allclose(np.sort(scores[q])[::-1], np.sort(allowed)[::-1][:40], atol=1e-3)
+            assert np.allclose(scores[q], expected[q][rows[q]], atol=1e-3)
+            assert mask is None or mask[rows[q]].all()
+    few = np.zeros(len(codes), dtype=bool)
+    few[[5, 1500]] = True
+    scores, rows = codec.top_parts(queries[:1], parts, 10, few)
+    assert sorted(rows[0][rows[0] >= 0].tolist()) == [5, 1500] and np.isinf(scores[0][rows[0] < 0]).all()
+    empty_scores, empty_rows = codec.top_parts(queries[:1], [codes[:0]], 10)
+    assert empty_scores.shape == empty_rows.shape == (1, 0)

@@ -89,15 +89,22 @@ class CentroidIndex:
         self.prefix_dim = prefix_dim
         self.active = np.isfinite(self.centroids).all(axis=1)
         self.norms = np.einsum("ij,ij->i", self.centroids, self.centroids)
+        self._live = np.flatnonzero(self.active)
+        self._live_centroids = np.ascontiguousarray(self.centroids[self._live])
         self._prefix = faiss.IndexIDMap(faiss.IndexFlatL2(prefix_dim))
-        live = np.flatnonzero(self.active)
-        self._prefix.add_with_ids(np.ascontiguousarray(self.centroids[live] @ self.rotation[:prefix_dim].T), live)
+        self._prefix.add_with_ids(np.ascontiguousarray(self._live_centroids @ self.rotation[:prefix_dim].T), self._live)
 
     def _search_full(self, queries: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-        live = np.flatnonzero(self.active)
-        n = min(n, len(live))
-        dist, rows = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), self.centroids[live], n)
-        return dist, live[rows]
+        n = min(n, len(self._live))
+        dist, rows = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32), self._live_centroids, n)
+        return dist, self._live[rows]
+
+    def prefix_pays(self, n: int, rerank: int = 4) -> bool:
+        """The prefix pass plus the re-rank must cost well under a full scan, which it does only
+        when the candidates are a small share of the lists (a 100k collection has ~700 lists, and
+        nprobe 96 x rerank 4 re-ranks over half of them: the full scan is then cheaper)."""
+        live, d = len(self._live), self.centroids.shape[1]
+        return live * self.prefix_dim + min(live, n * rerank) * d < live * d // 2
 
     def updated(self, changes: dict[int, np.ndarray | None]) -> CentroidIndex:
         """A new index with lists replaced, appended (ids past the end) or retired (None)."""
@@ -124,16 +131,17 @@ class CentroidIndex:
 
     @property
     def live_count(self) -> int:
-        return int(self.active.sum())
+        return len(self._live)
 
     def search(self, queries: np.ndarray, n: int, rerank: int = 4,
                chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(squared L2 distances, list ids) [nq, n], nearest first, exact on the full centroids.
 
-        Few queries (the latency path): prefix search, then re-rank the candidates on all dims.
-        Many (assigning inserted vectors, batch search): one BLAS product over all centroids is
-        cheaper than gathering [nq, candidates, d] for the re-rank."""
-        if len(queries) > 64:
+        Few queries over many lists (the latency path): prefix search, then re-rank the candidates
+        on all dims. Many queries (assigning inserted vectors, batch search), or candidates that are
+        a large share of the lists: one product over all centroids is cheaper than gathering
+        [nq, candidates, d] for the re-rank."""
+        if len(queries) > 64 or not self.prefix_pays(n, rerank):
             return self._search_full(queries, n)
         if len(queries) > chunk:  # bounds the [chunk, candidates, d] gather of the re-rank
             parts = [self.search(queries[i:i + chunk], n, rerank, chunk) for i in range(0, len(queries), chunk)]

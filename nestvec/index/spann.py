@@ -375,8 +375,10 @@ class SpannIndex:
                     parts = self.postings.read(txn, lists[qi][probe[qi]], size)
                     if parts:
                         ids = np.concatenate([p[1] for p in parts])
-                        scores = self.codec.scores_parts(queries[qi:qi + 1], [p[2] for p in parts])
-                        self._take_distinct(qi, *self._widest(ids, scores, wide, allowed)[0], best_scores, best_ids)
+                        scores, at = self.codec.top_parts(queries[qi:qi + 1], [p[2] for p in parts], wide,
+                                                          self._allowed(ids, allowed))
+                        found = at[0] >= 0
+                        self._take_distinct(qi, ids[at[0][found]], scores[0][found], best_scores, best_ids)
                 return best_scores, best_ids
             candidates: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
             q_of, list_of = np.nonzero(probe)

@@ -1,66 +1,114 @@
-"""One search at a time, with the single-query searches that queue meanwhile answered together.
+"""All searches run on one thread, in arrival order; a crowd of single queries with the same
+settings is answered by one search_batch.
 
 A search is mostly short numpy and LMDB calls that hold the GIL; on 2 cores, two of them at once
 only hand the GIL back and forth (measured with 8 clients on a 100k SPANN collection: p99 30 ms
-with two searches at a time, 23 ms with one). While one runs, single-query requests for the same
-collection and settings queue up, and the next turn answers all of them with one search_batch
-(each posting list read and scored once for all of them).
+with two searches at a time, 23 ms with one). So one thread runs them, first come first served,
+and each single query is answered as soon as its own search is done: a turn that held five
+queries and answered them together made the first wait for all five. Only when more than
+`batch_from` queries with the same key are waiting does a stacked search_batch pay (the index
+reads and scores each posting list once for all of them), and then they are answered together.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from nestvec.types import Hit
 
+BATCH_FROM = 16  # SpannIndex answers up to SMALL_BATCH (16) queries one by one anyway
 
-@dataclass
+
+@dataclass(eq=False)
 class _Job:
-    vector: np.ndarray
+    key: Hashable
+    work: Callable[[Any], Any]  # run(stacked vectors) for a query, or a plain call for run_alone
+    vector: np.ndarray | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    hits: list[Hit] | None = None
+    result: Any = None
     error: BaseException | None = None
+
+    def finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+    def outcome(self) -> Any:
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class SearchCoalescer:
-    def __init__(self) -> None:
-        self._turn = threading.Lock()     # one search runs at a time
-        self._queue = threading.Lock()    # guards _pending
-        self._pending: dict[Hashable, list[_Job]] = {}
-
-    @contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """A search that is not coalesced (a client's own batch) still takes its turn."""
-        with self._turn:
-            yield
+    def __init__(self, batch_from: int = BATCH_FROM, on_start: Callable[[], None] | None = None) -> None:
+        self.batch_from = batch_from
+        self._on_start = on_start  # e.g. one OpenMP thread for faiss calls made on the search thread
+        self._ready = threading.Condition()
+        self._pending: list[_Job] = []
+        self._thread: threading.Thread | None = None
 
     def search(self, key: Hashable, vector: np.ndarray,
                run: Callable[[np.ndarray], list[list[Hit]]]) -> list[Hit]:
         """Hits for one query vector; `run` answers a stack of queries sharing `key` (same
         collection, k, filter and knobs), so callers must have validated everything else first."""
-        job = _Job(vector)
-        with self._queue:
-            self._pending.setdefault(key, []).append(job)
-        with self._turn:
-            if not job.done.is_set():  # no earlier turn took it: answer everything queued under its key
-                with self._queue:
-                    jobs = self._pending.pop(key, [])
-                try:
-                    results = run(np.stack([j.vector for j in jobs]))
-                    for j, hits in zip(jobs, results, strict=True):
-                        j.hits = hits
-                except BaseException as err:  # every request in the turn gets the error (same key: same cause)
-                    for j in jobs:
-                        j.error = err
-                for j in jobs:
-                    j.done.set()
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        assert job.hits is not None
-        return job.hits
+        hits: list[Hit] = self._submit(_Job(key, run, vector))
+        return hits
+
+    def run_alone(self, call: Callable[[], Any]) -> Any:
+        """A search that is not coalesced (a client's own batch) still takes its turn on the thread."""
+        return self._submit(_Job(None, lambda _: call()))
+
+    def _submit(self, job: _Job) -> Any:
+        with self._ready:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="nestvec-search", daemon=True)
+                self._thread.start()
+            self._pending.append(job)
+            self._ready.notify()
+        return job.outcome()
+
+    def _loop(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
+        while True:
+            with self._ready:
+                while not self._pending:
+                    self._ready.wait()
+                jobs, self._pending = self._pending, []
+            self._run_turn(jobs)
+
+    def _run_turn(self, jobs: list[_Job]) -> None:
+        """Arrival order; a key with more than batch_from queries waiting runs as one batch."""
+        crowds: dict[Hashable, list[_Job]] = {}
+        for job in jobs:
+            if job.vector is not None:
+                crowds.setdefault(job.key, []).append(job)
+        started: set[Hashable] = set()
+        for job in jobs:
+            crowd = crowds.get(job.key, []) if job.vector is not None else []
+            if len(crowd) > self.batch_from:
+                if job.key not in started:
+                    started.add(job.key)
+                    self._run_together(crowd)
+                continue
+            try:
+                result = job.work(job.vector[None] if job.vector is not None else None)
+                job.finish(result[0] if job.vector is not None else result)
+            except BaseException as err:  # the caller's thread re-raises it
+                job.finish(error=err)
+
+    @staticmethod
+    def _run_together(crowd: list[_Job]) -> None:
+        try:
+            results = crowd[0].work(np.stack([j.vector for j in crowd if j.vector is not None]))
+        except BaseException as err:  # same key, same cause: every request in it gets the error
+            for j in crowd:
+                j.finish(error=err)
+            return
+        for j, hits in zip(crowd, results, strict=True):
+            j.finish(hits)

@@ -100,7 +100,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
 class PointsService(pb_grpc.PointsServicer):
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
-        self._searches = SearchCoalescer()
+        self._searches = SearchCoalescer(on_start=_one_thread_per_search)
 
     def _upsert(self, request: pb.UpsertRequest) -> int:
         if len(request.points) > MAX_BATCH_POINTS:
@@ -152,10 +152,11 @@ class PointsService(pb_grpc.PointsServicer):
                 params: pb.SearchParams, model: str) -> list[list[Hit]]:
         collection = self.catalog.get_collection(collection_name)
         flt = convert.from_json(filter_json, "filter")
-        with self._searches.exclusive():
-            return collection.search_batch(queries, _k(k), flt, model=model or None,
-                                           rescore_candidates=params.rescore_candidates or None,
-                                           nprobe=params.nprobe or None)
+        k = _k(k)
+        results: list[list[Hit]] = self._searches.run_alone(lambda: collection.search_batch(
+            queries, k, flt, model=model or None, rescore_candidates=params.rescore_candidates or None,
+            nprobe=params.nprobe or None))
+        return results
 
     @rpc
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:

@@ -3,12 +3,15 @@ and a bad request fails alone."""
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from nestvec.errors import InvalidArgumentError
+from nestvec.service.coalesce import SearchCoalescer
 from realdata import DATA
 from servers import RunningServer
 
@@ -34,3 +37,38 @@ def test_concurrent_searches_get_their_own_results(server: RunningServer) -> Non
     for i, ids in enumerate(got):
         assert ids == (["bad"] if i % 10 == 9 else expected[i])
     client.close()
+
+
+def test_a_crowd_of_singles_is_answered_by_one_batch_and_errors_reach_their_caller() -> None:
+    """While the search thread is busy, more than batch_from single queries with one key queue up:
+    one stacked call answers them, in order; fewer run one by one; a failing call raises in its caller."""
+
+    coalescer = SearchCoalescer(batch_from=4)
+    started, gate, calls = threading.Event(), threading.Event(), []
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait()
+
+    def run(vectors: np.ndarray) -> list[list[str]]:
+        calls.append(len(vectors))
+        return [[f"q{int(v[0])}"] for v in vectors]
+
+    with ThreadPoolExecutor(12) as pool:
+        blocker = pool.submit(coalescer.run_alone, hold)
+        assert started.wait(5)  # the search thread is busy from here on
+        crowd = [pool.submit(coalescer.search, "crowd", np.array([i], np.float32), run) for i in range(6)]
+        few = [pool.submit(coalescer.search, "few", np.array([i], np.float32), run) for i in range(2)]
+        time.sleep(0.5)  # all eight queue behind the blocker
+        gate.set()
+        assert blocker.result(5) is True
+        assert [f.result(5) for f in crowd] == [[f"q{i}"] for i in range(6)]
+        assert [f.result(5) for f in few] == [["q0"], ["q1"]]
+    assert sorted(calls) == [1, 1, 6]
+
+    def fail() -> None:
+        raise InvalidArgumentError("k: bad", field="k")
+
+    with pytest.raises(InvalidArgumentError, match="k: bad"):
+        coalescer.run_alone(fail)
+    assert coalescer.search("after", np.array([7], np.float32), run) == ["q7"]  # the thread survived
