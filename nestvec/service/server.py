@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import signal
@@ -247,6 +248,19 @@ def build_server(catalog: Catalog, *, address: str = "127.0.0.1:50051", api_keys
     return server, port
 
 
+def _open_all(catalog: Catalog) -> None:
+    """Open every collection before taking calls, so no first search pays for loading its index,
+    then move what loading left behind out of the collector's sight: a full collection over it
+    stalled every thread for ~20 ms (measured on a 100k SPANN collection)."""
+    for name in catalog.list_collections():
+        try:
+            catalog.get_collection(name)
+        except NestvecError as err:  # a broken collection must not keep the others offline
+            log.error("collection %s: %s", name, err.message)
+    gc.collect()
+    gc.freeze()
+
+
 def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0, **kwargs: Any) -> None:
     """Run until SIGINT/SIGTERM; then stop taking calls and let in-flight ones (writes included) finish."""
     import faiss
@@ -258,6 +272,7 @@ def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0
     faiss.omp_set_num_threads(1)
     threadpool_limits(1, user_api="blas")  # BLAS only: torch's encoding threads are left alone
     with Catalog(data) as catalog:
+        _open_all(catalog)
         server, bound = build_server(catalog, address=f"{host}:{port}", **kwargs)
         server.start()
         stopping = threading.Event()
