@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +17,7 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from nestvec.catalog import Catalog
 from nestvec.client.remote import RemoteClient
 from nestvec.collection import Collection
 from nestvec.errors import InvalidArgumentError, PermissionDeniedError, ResourceExhaustedError, UnauthenticatedError
@@ -187,3 +191,28 @@ def test_tls(tmp_path: Path) -> None:
             plaintext.list_collections()
     finally:
         running.stop()
+
+
+def test_nestvec_serve_opens_existing_collections_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """The real command: collections already in the folder are open before health says SERVING
+    (no first search pays for loading), and SIGTERM drains and exits cleanly."""
+    with Catalog(tmp_path / "data") as catalog:
+        catalog.create_collection("sci", encoder=None, dim=384).upsert(IDS[:300], vectors=VECTORS[:300])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nestvec.cli", "--data", str(tmp_path / "data"), "serve",
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and "serving" in proc.stdout.readline()  # printed once collections are open
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        client = RemoteClient(f"grpc://127.0.0.1:{port}")
+        hits = client.get_collection("sci").search(VECTORS[7], k=3)
+        assert hits[0].id == IDS[7]
+        client.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
