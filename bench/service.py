@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import gzip
 import json
 import multiprocessing as mp
@@ -77,17 +78,24 @@ def load_passages(n: int) -> tuple[list[str], list[str]]:
 
 
 def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, rate: float, ready: Any,
-                  out: Any, nprobe: int = 0) -> None:
+                  done: Any, out: Any, nprobe: int = 0) -> None:
     """One client process. rate 0: search back to back (closed loop). rate > 0: Poisson arrivals at
     `rate` searches/s, each timed from its scheduled arrival, so queueing counts (no coordinated
-    omission)."""
+    omission).
+
+    The load generator must not time its own pauses: its garbage collector is frozen and off while
+    it measures (all eight clients reached a full collection at the same request count, ~1 s in,
+    and starved the 2 cores for 20 ms), and no client sends its results until all have finished."""
     from nestvec.client.remote import RemoteClient
 
     client = RemoteClient(url, api_key=API_KEY)
     col = client.get_collection(COLLECTION)
     col.search(queries[offset % len(queries)], k=10)  # warm the channel
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     ready.wait()  # every client starts together, after all have imported and connected
-    latencies, results = [], []
+    latencies, results, late = [], [], []
     i, begin = offset, time.perf_counter()
     stop = begin + seconds
     # Open loop: Poisson arrivals (seeded per client), so clients do not fire in lockstep bursts.
@@ -99,20 +107,24 @@ def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, ra
             break
         while time.perf_counter() < start:
             time.sleep(max(0.0, start - time.perf_counter()))
+        late.append(time.perf_counter() - start)  # the client's own wake-up delay, counted in the latency
         hits = col.search(queries[i % len(queries)], k=10, nprobe=nprobe or None)
         latencies.append(time.perf_counter() - start)
         results.append((i % len(queries), [h.id for h in hits]))
         i += 1
+    done.wait()
+    gc.enable()
     client.close()
-    out.put((latencies, results))
+    out.put((latencies, results, late))
 
 
 def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float, rate: float = 0.0,
                     nprobe: int = 0) -> dict[str, Any]:
     """`clients` processes; `rate` is the total offered searches/s (0 = as fast as they can)."""
     ctx = mp.get_context("spawn")
-    out, ready = ctx.Queue(), ctx.Barrier(clients)
-    procs = [ctx.Process(target=search_worker, args=(url, queries, seconds, c * 97, rate / clients, ready, out, nprobe))
+    out, ready, done = ctx.Queue(), ctx.Barrier(clients), ctx.Barrier(clients)
+    procs = [ctx.Process(target=search_worker,
+                         args=(url, queries, seconds, c * 97, rate / clients, ready, done, out, nprobe))
              for c in range(clients)]
     for proc in procs:
         proc.start()
@@ -124,7 +136,10 @@ def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float,
     return {"clients": clients, "mode": f"open loop, {rate:g}/s offered" if rate else "closed loop",
             "offered_qps": rate or None, "searches": len(latencies), "qps": len(latencies) / seconds,
             "p50_ms": float(np.percentile(latencies, 50)), "p90_ms": float(np.percentile(latencies, 90)),
-            "p99_ms": float(np.percentile(latencies, 99)), "mean_ms": float(latencies.mean()), "results": results}
+            "p99_ms": float(np.percentile(latencies, 99)), "mean_ms": float(latencies.mean()),
+            "client_wake_p99_ms": float(np.percentile(np.concatenate([p[2] for p in parts]), 99) * 1000)
+            if rate else None,
+            "results": results}
 
 
 def recall_at_10(results: list[tuple[int, list[str]]], ids: list[str], exact: np.ndarray) -> float:
@@ -211,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"Upsert with server-side encoding: {args.encode_docs} passages in {encode_s:.1f} s = "
                   f"{args.encode_docs / encode_s:.1f} docs/s")
 
+            os.sync()  # searches are timed against a settled machine, not the bulk load's disk writeback
             rows = []
             levels = [(int(c), 0.0) for c in args.clients.split(",") if c] + [
                 (int(c), float(r)) for c, r in (lvl.split("@") for lvl in args.open_loop.split(",") if lvl)]

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
+from typing import Any
 
 from nestvec.client.local import DEFAULT_CODEC, LocalClient
 from nestvec.errors import NestvecError, NotFoundError, invalid
@@ -19,25 +20,45 @@ def _client(args: argparse.Namespace) -> LocalClient:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from nestvec.datasets import iter_corpus
-    from nestvec.encoders import load_encoder
-    from nestvec.jobs.ingest import ingest_documents
+    from nestvec.jobs.ingest import ingest
+    from nestvec.jobs.sources import Source
 
-    documents = list(iter_corpus(args.path))  # parse everything first: a bad line writes nothing
-    if args.limit:
-        documents = documents[: args.limit]
+    source = Source(args.path, fmt=args.format, vectors=args.vectors, limit=args.limit)
+    collection, encoder = _ingest_target(args, source)
+    summary = ingest(collection, source, encoder=encoder, batch_size=args.batch_size, fit_size=args.fit_size,
+                     resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"collection": args.collection, "count": collection.count(), **asdict(summary)}))
+    return 0
+
+
+def _ingest_target(args: argparse.Namespace, source: Any) -> tuple[Any, Any]:
+    """The collection to write (opened, or created with the job's settings) and the encoder the
+    job encodes with: none when the input brings vectors, or when a server encodes the texts."""
+    from nestvec.encoders import BUNDLED_MODEL, load_encoder
+
+    model = args.encoder or (None if source.dim else BUNDLED_MODEL)  # given vectors: raw unless told the model
+    if args.url:
+        from nestvec.client.remote import RemoteClient
+
+        client: Any = RemoteClient(args.url, api_key=args.api_key)
+        try:
+            collection = client.get_collection(args.collection)
+        except NotFoundError:
+            collection = client.create_collection(args.collection, encoder=model, dim=source.dim,
+                                                  codec=args.codec or "", index=args.index)
+        return collection, None
+    encoder = load_encoder(model, args.precision) if model else None
+    if encoder is not None and source.dim and source.dim != encoder.dim:
+        raise invalid("vectors", f"{args.vectors} holds {source.dim}-d vectors; {model} makes {encoder.dim}-d ones")
     client = _client(args)
-    encoder = load_encoder(args.encoder, args.precision)
     try:
         collection = client.get_collection(args.collection, encoder=encoder)
         if args.codec and args.codec != collection.codec.spec:
             raise invalid("codec", f"collection {args.collection!r} already uses {collection.codec.spec!r}")
     except NotFoundError:
-        collection = client.create_collection(args.collection, encoder=encoder, codec=args.codec or DEFAULT_CODEC,
-                                              index=args.index)
-    summary = ingest_documents(collection, documents, batch_size=args.batch_size)
-    print(json.dumps({"collection": args.collection, "count": collection.count(), **asdict(summary)}))
-    return 0
+        collection = client.create_collection(args.collection, encoder=encoder, dim=source.dim,
+                                              codec=args.codec or DEFAULT_CODEC, index=args.index)
+    return collection, None if source.dim else encoder
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -103,16 +124,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data folder holding the collections (env NESTVEC_DATA; default ./nestvec_data)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="encode and store a BEIR corpus.jsonl[.gz] or a text file (one doc per line)")
+    p = sub.add_parser("ingest", help="bulk-load a corpus: JSONL[.gz] (BEIR), Parquet or text (one doc per line); "
+                                      "resumable, streamed, into a local folder or a server")
     p.add_argument("path")
     p.add_argument("--collection", required=True)
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "parquet", "text"])
+    p.add_argument("--vectors", default=None, help="precomputed embeddings (.npy, one row per document): no encoding")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint an interrupted run of this job left in the collection")
+    p.add_argument("--url", default=None, help="write to a server (grpc://host:port) through UpsertStream")
+    p.add_argument("--api-key", default=os.environ.get("NESTVEC_API_KEY"), help="with --url (env NESTVEC_API_KEY)")
     p.add_argument("--codec", default=None, help=f"codec spec, e.g. fp8, int8, pca192+fp8 (default {DEFAULT_CODEC})")
-    p.add_argument("--encoder", default="all-MiniLM-L6-v2", help="bundled model name or a local model folder")
+    p.add_argument("--encoder", default=None,
+                   help="bundled model name or a local model folder (default all-MiniLM-L6-v2; with --vectors, "
+                        "the model that made them, if text queries should work)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
                    help="vector index of a new collection (auto: flat while small, SPANN from 20,000 vectors)")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=512, help="documents per transaction")
+    p.add_argument("--fit-size", type=int, default=4096, help="vectors a new collection's codec is fitted on")
     p.add_argument("--limit", type=int, default=0, help="only the first N documents")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser("search", help="search a collection with a text query")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from nestvec.index.postings import PostingStore
 from nestvec.index.spann import SpannConfig, SpannIndex
 from nestvec.index.store import LmdbStore, Put
 from nestvec.index.topk import rerank
-from nestvec.types import CollectionConfig, Hit, JSONDict, Record
+from nestvec.types import CollectionConfig, Hit, JSONDict, Record, UpsertBatch
 
 log = logging.getLogger(__name__)
 MAX_K = 10_000
@@ -58,9 +58,31 @@ PURGE_FRACTION = 0.1       # rewrite lists holding tombstones once deletes reach
 # of just those codes; a looser one probes proportionally more lists.
 FILTER_SCAN_MAX, FILTER_SCAN_SHARE, MAX_FILTER_WIDEN = 8192, 0.05, 4
 INDEX_KIND, NEXT_VID, FLUSHED_UPTO, BUILT_COUNT = b"index_kind", b"next_vid", b"flushed_upto", b"built_count"
+JOB_PREFIX = b"job/"       # meta keys of bulk jobs' checkpoints
+MAX_JOB_NAME, MAX_CHECKPOINT_BYTES = 200, 64 << 10
 
 IdLike = str | int
 QueryLike = str | Sequence[float] | np.ndarray
+
+
+def _check_checkpoint(checkpoint: tuple[str, JSONDict] | None) -> dict[bytes, bytes]:
+    """The meta entry a checkpoint is stored as (none without one)."""
+    if checkpoint is None:
+        return {}
+    if not isinstance(checkpoint, tuple) or len(checkpoint) != 2:
+        raise invalid("checkpoint", "must be a (job name, state dict) pair")
+    name, state = checkpoint
+    if not isinstance(name, str) or not 0 < len(name.encode()) <= MAX_JOB_NAME:
+        raise invalid("checkpoint", f"job name must be a non-empty string of at most {MAX_JOB_NAME} bytes")
+    if not isinstance(state, dict):
+        raise invalid("checkpoint", f"state must be a JSON object, got {type(state).__name__}")
+    try:
+        value = json.dumps(state, allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise invalid("checkpoint", f"state is not JSON: {err}") from None
+    if len(value) > MAX_CHECKPOINT_BYTES:
+        raise invalid("checkpoint", f"state is {len(value)} bytes; at most {MAX_CHECKPOINT_BYTES}")
+    return {JOB_PREFIX + name.encode(): value}
 
 
 def _check_ids(ids: Sequence[IdLike], field: str = "ids") -> list[str]:
@@ -273,9 +295,14 @@ class Collection:
 
     # -- writes ------------------------------------------------------------------------------
     def upsert(self, ids: Sequence[IdLike], texts: Sequence[str | None] | None = None,
-               vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None) -> int:
-        """Insert or replace documents in one transaction; returns how many were written."""
+               vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None, *,
+               checkpoint: tuple[str, JSONDict] | None = None) -> int:
+        """Insert or replace documents in one transaction; returns how many were written.
+
+        `checkpoint` (name, state) is saved in that same transaction: a bulk job records how far
+        it got, and after a crash the state read back from `jobs()` matches what was written."""
         self._check_open()
+        job_meta = _check_checkpoint(checkpoint)
         keys = _check_ids(ids)
         n = len(keys)
         if n == 0:
@@ -312,8 +339,8 @@ class Collection:
             ]
             replaced = [k for k in keys if k in self._row_of]
             index_write, apply = self._stage_removal(replaced)
-            meta = {NEXT_VID: _pack(first + n)} if keep_vids else None
-            self.store.write(puts, meta=meta, index=index_write)
+            meta = {NEXT_VID: _pack(first + n)} if keep_vids else {}
+            self.store.write(puts, meta={**meta, **job_meta}, index=index_write)
             apply()
             self._forget(replaced)
             vids = np.arange(first, first + n)
@@ -326,6 +353,15 @@ class Collection:
             self._row_of.update(zip(keys, vids.tolist(), strict=True))
             self._after_write()
         return n
+
+    def upsert_stream(self, batches: Iterable[UpsertBatch]) -> Iterator[int]:
+        """Each batch in its own transaction (with its checkpoint), yielding how many it wrote as it
+        commits; once the stream ends the write buffer is flushed, so a bulk load is fully indexed.
+        A bad batch raises and leaves the ones before it committed (as over gRPC)."""
+        for batch in batches:
+            yield self.upsert(batch.ids, texts=batch.texts, vectors=batch.vectors, metadata=batch.metadata,
+                              checkpoint=batch.checkpoint)
+        self.flush_index()
 
     def _stage_removal(self, keys: Sequence[str]) -> tuple[Callable[[lmdb.Transaction], None] | None,
                                                             Callable[[], None]]:
@@ -628,6 +664,11 @@ class Collection:
                 "buffered": self.spann.buffered, "tombstones": len(spann.tombstones),
                 "built_count": self._meta_int(BUILT_COUNT), **spann.config.to_json()}
 
+    def jobs(self) -> dict[str, JSONDict]:
+        """The last checkpoint of each job that wrote with one (see upsert), by job name."""
+        self._check_open()
+        return {key[len(JOB_PREFIX):].decode(): json.loads(value) for key, value in self.store.meta_items(JOB_PREFIX)}
+
     def info(self) -> JSONDict:
         self._check_open()
         enc = self.config.encoder
@@ -646,6 +687,7 @@ class Collection:
             "metadata_fields": sorted(self.metadata.fields),
             "index": self._index_info(),
             "disk_bytes": self.store.disk_bytes(),
+            "jobs": self.jobs(),
         }
 
 

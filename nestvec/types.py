@@ -36,6 +36,17 @@ class Record:
 
 
 @dataclass(frozen=True)
+class UpsertBatch:
+    """One batch of a streamed upsert: committed in one transaction, with its checkpoint if any."""
+
+    ids: Any  # Sequence[str | int]
+    texts: Any = None  # Sequence[str | None] | None
+    vectors: Any = None  # [n, dim] floats | None
+    metadata: Any = None  # Sequence[JSONDict | None] | None
+    checkpoint: tuple[str, JSONDict] | None = None
+
+
+@dataclass(frozen=True)
 class Hit:
     id: str
     score: float

@@ -145,10 +145,14 @@ def test_scores_are_computed_in_blocks(data: tuple[np.ndarray, np.ndarray]) -> N
     assert np.allclose(np.concatenate([b for _, b in blocks], axis=1), codec.scores(queries, codes))
 
 
+@pytest.mark.parametrize("scan_rows", [16384, 700])
 @pytest.mark.parametrize("spec", ["fp32", "fp16", "int8", "fp8", "binary", "pca192+int8"])
-def test_top_parts_returns_the_best_rows_of_the_parts(data: tuple[np.ndarray, np.ndarray], spec: str) -> None:
-    """Through faiss's scanner (fp32, fp16, int8) or numpy (the rest): the same rows and scores as
-    scoring every code, masked rows never returned, and fewer rows than asked padded with -1."""
+def test_top_parts_returns_the_best_rows_of_the_parts(data: tuple[np.ndarray, np.ndarray], spec: str,
+                                                       scan_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through faiss's scanner (fp32, fp16, int8; in one chunk, or in several) or numpy (the rest):
+    the same rows and scores as scoring every code, masked rows never returned, and fewer rows than
+    asked padded with -1."""
+    monkeypatch.setattr("nestvec.compression.codec.SCAN_ROWS", scan_rows)
     docs, queries = data
     codec = make_codec(spec, 384).fit(docs[:1000])
     codes = codec.encode(docs[:2000])

@@ -32,8 +32,10 @@ class AsyncCollection:
         return self.sync.name
 
     async def upsert(self, ids: Sequence[str | int], texts: Sequence[str | None] | None = None, vectors: Any = None,
-                     metadata: Sequence[JSONDict | None] | None = None) -> int:
-        return await _run(self.sync.upsert, ids, texts=texts, vectors=vectors, metadata=metadata)
+                     metadata: Sequence[JSONDict | None] | None = None, *,
+                     checkpoint: tuple[str, JSONDict] | None = None) -> int:
+        return await _run(self.sync.upsert, ids, texts=texts, vectors=vectors, metadata=metadata,
+                          checkpoint=checkpoint)
 
     async def delete(self, ids: Sequence[str | int]) -> int:
         return await _run(self.sync.delete, ids)
@@ -43,6 +45,9 @@ class AsyncCollection:
 
     async def count(self) -> int:
         return await _run(self.sync.count)
+
+    async def jobs(self) -> dict[str, JSONDict]:
+        return await _run(self.sync.jobs)
 
     async def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
                      filter: JSONDict | None = None) -> list[Hit]:

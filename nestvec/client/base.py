@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from nestvec.types import Hit, JSONDict, Record
+from nestvec.types import Hit, JSONDict, Record, UpsertBatch
 
 
 class CollectionHandle(Protocol):
@@ -18,7 +18,8 @@ class CollectionHandle(Protocol):
     def name(self) -> str: ...
 
     def upsert(self, ids: Sequence[str | int], texts: Sequence[str | None] | None = None,
-               vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None) -> int: ...
+               vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None, *,
+               checkpoint: tuple[str, JSONDict] | None = None) -> int: ...
 
     def delete(self, ids: Sequence[str | int]) -> int: ...
 
@@ -33,6 +34,10 @@ class CollectionHandle(Protocol):
                      filter: JSONDict | None = None, *, nprobe: int | None = None) -> list[list[Hit]]: ...
 
     def info(self) -> JSONDict: ...
+
+    def jobs(self) -> dict[str, JSONDict]: ...
+
+    def upsert_stream(self, batches: Iterable[UpsertBatch]) -> Iterator[int]: ...
 
 
 class ClientBase(ABC):

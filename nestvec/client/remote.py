@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -15,7 +16,7 @@ import numpy as np
 from nestvec import errors
 from nestvec.client.base import ClientBase
 from nestvec.errors import NestvecError, invalid
-from nestvec.types import Hit, JSONDict, Record
+from nestvec.types import Hit, JSONDict, Record, UpsertBatch
 from nestvec.wire import convert
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2_grpc as pb_grpc
@@ -58,8 +59,19 @@ class RemoteCollection:
         return self._name
 
     def upsert(self, ids: Sequence[str | int], texts: Sequence[str | None] | None = None, vectors: Any = None,
-               metadata: Sequence[JSONDict | None] | None = None) -> int:
-        """Sent as one batch, or as several (each its own transaction) when it would exceed the message limit."""
+               metadata: Sequence[JSONDict | None] | None = None, *,
+               checkpoint: tuple[str, JSONDict] | None = None) -> int:
+        """Sent as one batch, or as several (each its own transaction) when it would exceed the message
+        limit; a checkpoint rides with the last of them, so it is saved only once every part is in."""
+        requests = list(self._requests(ids, texts, vectors, metadata, checkpoint))
+        if len(requests) == 1:
+            return int(self._client._call(self._client.points.Upsert, requests[0]).written)
+        return sum(int(ack.written) for ack in self._client._stream(self._client.points.UpsertStream, requests))
+
+    def _requests(self, ids: Sequence[str | int], texts: Sequence[str | None] | None, vectors: Any,
+                  metadata: Sequence[JSONDict | None] | None,
+                  checkpoint: tuple[str, JSONDict] | None) -> list[pb.UpsertRequest]:
+        """One batch as the requests that carry it (several past the message limit)."""
         n = len(ids)
         if texts is not None and len(texts) != n:
             raise invalid("texts", f"must be a list with one entry per id ({n})")
@@ -69,9 +81,31 @@ class RemoteCollection:
         if matrix is not None and len(matrix) != n:
             raise invalid("vectors", f"has {len(matrix)} rows for {n} ids")
         requests = list(self._batches(ids, texts, matrix, metadata))
-        if len(requests) == 1:
-            return int(self._client._call(self._client.points.Upsert, requests[0]).written)
-        return sum(int(ack.written) for ack in self._client._stream(self._client.points.UpsertStream, requests))
+        if checkpoint is not None:  # the server checks the name and the state
+            try:
+                name, state = checkpoint
+                requests[-1].checkpoint_name, requests[-1].checkpoint_json = str(name), json.dumps(state)
+            except (TypeError, ValueError) as err:
+                raise invalid("checkpoint", f"must be a (job name, JSON object) pair: {err}") from None
+        return requests
+
+    def upsert_stream(self, batches: Iterable[UpsertBatch]) -> Iterator[int]:
+        """All batches over one UpsertStream call, each committed in its own transaction (with its
+        checkpoint) and acknowledged: yields how many each wrote as the server commits it. The
+        server indexes what is buffered once the stream ends."""
+
+        def requests() -> Iterator[pb.UpsertRequest]:
+            for batch in batches:
+                parts = list(self._requests(batch.ids, batch.texts, batch.vectors, batch.metadata, batch.checkpoint))
+                if len(parts) > 1:
+                    raise invalid("batch", f"{len(batch.ids)} points exceed one message; send smaller batches")
+                yield parts[0]
+
+        try:
+            for ack in self._client.points.UpsertStream(requests(), metadata=self._client.metadata):
+                yield int(ack.written)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from None
 
     def _batches(self, ids: Sequence[str | int], texts: Sequence[str | None] | None, matrix: np.ndarray | None,
                  metadata: Sequence[JSONDict | None] | None) -> Iterator[pb.UpsertRequest]:
@@ -139,6 +173,10 @@ class RemoteCollection:
 
     def info(self) -> JSONDict:
         return self._client.describe(self._name)
+
+    def jobs(self) -> dict[str, JSONDict]:
+        jobs: dict[str, JSONDict] = self.info().get("jobs", {})
+        return jobs
 
 
 def _params(rescore_candidates: int | None, nprobe: int | None) -> pb.SearchParams:

@@ -16,6 +16,17 @@ from nestvec.fsutil import load_npy, read_json, save_npy, write_json
 
 CODEC_FORMAT_VERSION = 1
 BLOCK_ROWS = 16384
+# Rows copied into the scan buffer at a time: 6 MB of int8 codes at 384 dims per thread, so a
+# filtered search probing four times the lists does not grow it past that.
+SCAN_ROWS = 16384
+
+
+def _top(scores: np.ndarray, positions: np.ndarray, wide: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `wide` columns per row (unordered); -1 positions where scores are -inf."""
+    if wide < scores.shape[1]:
+        top = np.argpartition(-scores, wide - 1, axis=1)[:, :wide]
+        scores, positions = np.take_along_axis(scores, top, axis=1), np.take_along_axis(positions, top, axis=1)
+    return scores, np.where(np.isfinite(scores), positions, -1)
 
 
 class Codec:
@@ -134,52 +145,68 @@ class Codec:
         """Best `wide` (scores, positions) [nq, <= wide] over the rows of `parts` taken in order,
         only rows where `keep` is True; positions index their concatenation, -1 where fewer pass.
 
-        When faiss reads our codes (int8, fp16, fp32), the parts are copied into a per-thread faiss
-        index that is reused, and scanned by its SIMD kernels with the top-k kept as it goes: on
-        10,000 int8 codes of 384 dims (a SPANN query at nprobe 96) 0.84 ms against 1.1 ms for
-        scores_parts plus a partition. Other codecs score with numpy."""
-        prepared, offset = self.prepare_queries(queries)
+        When faiss reads our codes (int8, fp16, fp32), the parts are copied, up to SCAN_ROWS at a
+        time, into a per-thread faiss index that is reused, and scanned by its SIMD kernels with
+        the top-k kept as it goes: on 10,000 int8 codes of 384 dims (a SPANN query at nprobe 96)
+        0.84 ms against 1.1 ms for scores_parts plus a partition. Other codecs score with numpy."""
         total = sum(len(part) for part in parts)
         if not total:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        index, view = self._scan_index(total)
-        if index is None or view is None:
+        index = self._scan_index()
+        if index is None:
             scores = self.scores_parts(queries, parts)
             if keep is not None:
                 scores[:, ~keep] = -np.inf
-            if wide < total:
-                top = np.argpartition(-scores, wide - 1, axis=1)[:, :wide]
-                scores = np.take_along_axis(scores, top, axis=1)
-            else:
-                top = np.broadcast_to(np.arange(total), scores.shape)
-            return scores, np.where(np.isfinite(scores), top, -1)
-        at = 0
+            return _top(scores, np.broadcast_to(np.arange(total), scores.shape), wide)
+        prepared, offset = self.prepare_queries(queries)
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        chunk: list[np.ndarray] = []
+        start = rows = 0
         for part in parts:
-            view[at:at + len(part)] = self._check_codes(part)
+            if chunk and rows + len(part) > SCAN_ROWS:
+                found.append(self._scan_chunk(index, prepared, chunk, rows, start, wide, keep))
+                start, chunk, rows = start + rows, [], 0
+            chunk.append(self._check_codes(part))
+            rows += len(part)
+        found.append(self._scan_chunk(index, prepared, chunk, rows, start, wide, keep))
+        scores = np.concatenate([f[0] for f in found], axis=1) + offset[:, None]
+        positions = np.concatenate([f[1] for f in found], axis=1)
+        return _top(np.where(positions >= 0, scores, -np.inf).astype(np.float32), positions, wide)
+
+    def _scan_chunk(self, index: Any, prepared: np.ndarray, chunk: list[np.ndarray], rows: int, start: int,
+                    wide: int, keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """faiss's top `wide` of one chunk of rows; positions shifted to the chunk's start."""
+        view = self._scan_view(index, rows)
+        at = 0
+        for part in chunk:
+            view[at:at + len(part)] = part
             at += len(part)
-        index.ntotal = total
+        index.ntotal = rows
         params = None
         if keep is not None:
-            bits = np.packbits(keep, bitorder="little")
-            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(total, faiss.swig_ptr(bits)))  # type: ignore[call-arg]
-        scores, positions = index.search(prepared, max(1, min(wide, total)), params=params)
-        return np.where(positions >= 0, scores + offset[:, None], -np.inf).astype(np.float32), positions
+            bits = np.packbits(keep[start:start + rows], bitorder="little")
+            params = faiss.SearchParameters(sel=faiss.IDSelectorBitmap(rows, faiss.swig_ptr(bits)))  # type: ignore[call-arg]
+        scores, positions = index.search(prepared, min(wide, rows), params=params)
+        return scores, np.where(positions >= 0, positions + start, -1)
 
-    def _scan_index(self, rows: int) -> tuple[Any, np.ndarray | None]:
-        """This thread's faiss index with room for `rows` codes and a numpy view of its buffer."""
+    def _scan_index(self) -> Any:
+        """This thread's faiss index over our codes (None when faiss cannot read them)."""
         index = getattr(self._scratch, "index", None)
-        if index is None:
-            index = self.quantizer.faiss_index() if self.fitted else None
-            if index is None:
-                return None, None
+        if index is None and self.fitted:
+            index = self.quantizer.faiss_index()
             self._scratch.index, self._scratch.capacity = index, 0
+        return index
+
+    def _scan_view(self, index: Any, rows: int) -> np.ndarray:
+        """A numpy view of the index's code buffer, grown to hold `rows` codes."""
         if rows > self._scratch.capacity:
-            capacity = max(rows, 2 * self._scratch.capacity, 4096)
+            capacity = max(rows, min(2 * self._scratch.capacity, SCAN_ROWS), 1024)
             index.codes.resize(capacity * self.bytes_per_vector)
             self._scratch.view = faiss.rev_swig_ptr(index.codes.data(), capacity * self.bytes_per_vector).reshape(
                 capacity, self.bytes_per_vector)
             self._scratch.capacity = capacity
-        return index, self._scratch.view
+        view: np.ndarray = self._scratch.view
+        return view
 
     def candidate_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Scores [nq, c] of each query against its own c candidates, given as codes [nq, c, code_size]."""

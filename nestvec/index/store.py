@@ -136,6 +136,18 @@ class LmdbStore:
         with self.env.begin() as txn:
             return txn.get(key, db=self._meta)
 
+    def meta_items(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Meta entries whose key starts with `prefix` (keys sorted)."""
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._meta)
+            found = []
+            if cursor.set_range(prefix):
+                for key, value in cursor:
+                    if not key.startswith(prefix):
+                        break
+                    found.append((bytes(key), bytes(value)))
+            return found
+
     def rewrite_codes(self, keys: Sequence[bytes], codes: np.ndarray, rescore: np.ndarray | None,
                       meta: dict[bytes, bytes]) -> None:
         """Replace the codes of `keys` and set `meta` in one transaction (a codec switch)."""

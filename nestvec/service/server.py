@@ -111,8 +111,11 @@ class PointsService(pb_grpc.PointsServicer):
         records = [convert.from_pb_point(p, f"points[{i}]") for i, p in enumerate(request.points)]
         vectors = convert.from_pb_vectors(request.vectors) if request.HasField("vectors") else None
         texts = [r.text for r in records]
+        checkpoint = None
+        if request.checkpoint_name or request.checkpoint_json:
+            checkpoint = (request.checkpoint_name, convert.from_json(request.checkpoint_json, "checkpoint_json"))
         return collection.upsert([r.id for r in records], texts=texts if any(t is not None for t in texts) else None,
-                                 vectors=vectors, metadata=[r.metadata for r in records])
+                                 vectors=vectors, metadata=[r.metadata for r in records], checkpoint=checkpoint)
 
     @rpc
     def Upsert(self, request: pb.UpsertRequest, context: grpc.ServicerContext) -> pb.UpsertResponse:
