@@ -31,6 +31,7 @@ from nestvec.index.postings import PostingStore
 from nestvec.index.spann import SpannConfig, SpannIndex
 from nestvec.index.store import LmdbStore, Put
 from nestvec.index.topk import rerank
+from nestvec.memory import trim_heap
 from nestvec.types import CollectionConfig, Hit, JSONDict, Record, UpsertBatch
 
 log = logging.getLogger(__name__)
@@ -408,23 +409,31 @@ class Collection:
         return (kind == "spann" and n >= FIT_THRESHOLD) or (kind == "auto" and n >= SPANN_AUTO_MIN)
 
     def _build_spann(self) -> None:
-        """Cluster all live vectors into a fresh SPANN index, in one transaction (first build or rebuild)."""
+        """Cluster all live vectors into a fresh SPANN index, in one transaction (first build or
+        rebuild). Codes are read as the build needs them (a sample, a chunk, one list at a time)
+        and only those are decoded to float32, so a large collection builds in bounded memory."""
         first_build = self.spann is None
         if first_build:  # flat rows become vids: compact so they are 0..n-1
             self._compact_rows()
             vids = np.arange(len(self._ids))
-            codes = self.index.codes()
+            flat_codes = self.index.codes()
+
+            def read_codes(rows: np.ndarray) -> np.ndarray:
+                return flat_codes[rows]
         else:
             vids = np.array(sorted(self._row_of.values()), dtype=np.int64)
-            codes = self.store.get_codes([self._ids[v].encode() for v in vids.tolist()], self.codec.bytes_per_vector)
+            keys = [self._ids[v].encode() for v in vids.tolist()]
+
+            def read_codes(rows: np.ndarray) -> np.ndarray:
+                return self.store.get_codes([keys[r] for r in rows.tolist()], self.codec.bytes_per_vector)
         next_vid = len(self._ids)
         config = SpannConfig()
         folder = self.folder / INDEX_DIR
         built: list[SpannIndex] = []
-        vectors = self.codec.reconstruct(codes)
 
         def write(txn: lmdb.Transaction) -> None:
-            built[:] = [SpannIndex.build(vectors, vids, self.codec, self.postings, config, txn=txn)]
+            built[:] = [SpannIndex.build_from(vids, lambda rows: self.codec.reconstruct(read_codes(rows)), read_codes,
+                                              self.codec, self.postings, config, txn=txn)]
 
         SpannIndex.save_config(config, folder)
         self.store.reserve(8 * len(vids) * (self.codec.bytes_per_vector + 8) * (1 + config.replicas) + (16 << 20))
@@ -437,6 +446,7 @@ class Collection:
         self.spann = BufferedSpann(built[0], self.codec, next_vid)
         self.index = FlatIndex(self.codec)  # the flat copy of every code is no longer needed
         self._deleted_since_purge = 0
+        trim_heap()
 
     def flush_index(self) -> None:
         """Move the write buffer into the posting lists now (the end of a bulk load); no-op for flat."""
@@ -481,6 +491,7 @@ class Collection:
 
         self.store.transact(write, meta)
         staged[0]()
+        trim_heap()
 
     def fit_codec(self, sample: Any) -> None:
         """Fit the codec on a representative sample now (while its vectors are still staged or none exist)."""

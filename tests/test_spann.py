@@ -186,3 +186,27 @@ def test_centroid_prefix_search_agrees_with_the_full_scan(data: tuple[np.ndarray
     assert np.mean(lists[:, 0] == full_lists[:, 0]) >= 0.95
     true = ((queries[:50, None, :] - centroids[lists]) ** 2).sum(axis=2)  # re-ranked on all dims: exact
     assert np.allclose(dist, true, atol=1e-4) and (np.diff(dist, axis=1) >= 0).all()
+
+
+def test_a_build_from_a_sample_reads_bounded_chunks_and_keeps_recall(
+        data: tuple[np.ndarray, np.ndarray, np.ndarray], built: tuple[SpannIndex, Path], tmp_path: Path) -> None:
+    """Clustering a quarter of the vectors and assigning the rest in chunks: never more float32
+    rows at once than the sample, lists as long as a full build's, recall within 0.02 of it."""
+    base, queries, exact = data
+    full, _ = built
+    codec = full.codec
+    codes = codec.encode(base)
+    asked: list[int] = []
+
+    def read_vectors(rows: np.ndarray) -> np.ndarray:
+        asked.append(len(rows))
+        return base[rows]
+
+    env = lmdb.open(str(tmp_path / "sampled.lmdb"), map_size=1 << 30, max_dbs=8, readahead=False)
+    sampled = SpannIndex.build_from(np.arange(N) * 10 + 7, read_vectors, lambda rows: codes[rows], codec, env,
+                                    SpannConfig(posting_limit=64), sample_size=N // 4, chunk_rows=3000)
+    assert max(asked) == N // 4 and sorted(asked)[:-1] == [2000, *[3000] * 6]
+    assert abs(sampled.stats()["lists"] - full.stats()["lists"]) <= 0.2 * full.stats()["lists"]
+    recall, full_recall = _recall(sampled.search(queries, 10)[1], exact), _recall(full.search(queries, 10)[1], exact)
+    assert recall >= full_recall - 0.02, (recall, full_recall)
+    env.close()

@@ -31,6 +31,11 @@ INDEX_FORMAT_VERSION = 1
 # queries probing it (1,000 wiki250k queries: 0.72 s grouped against 1.7 s one by one; for a few
 # queries the grouping's per-list bookkeeping costs more than it saves).
 SMALL_BATCH = 16
+# A build clusters at most this many vectors (a 250k collection need not hold all its float32
+# vectors at once), then assigns the rest to the centroids BUILD_CHUNK at a time.
+BUILD_SAMPLE = 32_768
+BUILD_CHUNK = 16_384
+MIN_SAMPLE_LIST = 8
 
 
 @dataclass(frozen=True)
@@ -154,21 +159,42 @@ class SpannIndex:
     @classmethod
     def build(cls, vectors: np.ndarray, ids: np.ndarray, codec: Codec, env: lmdb.Environment | PostingStore,
               config: SpannConfig = SpannConfig(), txn: lmdb.Transaction | None = None) -> SpannIndex:
-        """Cluster, replicate boundary vectors, write every list in one transaction (the caller's
-        when given; whatever the environment held before is replaced). Inside a caller's write
-        transaction pass a PostingStore opened before it: LMDB cannot open databases then."""
+        """From float vectors in RAM (tests, benchmarks); see build_from for what is done."""
         if len(vectors) != len(ids):
             raise invalid("ids", f"{len(ids)} ids for {len(vectors)} vectors")
-        if len(vectors) < 2:
-            raise invalid("vectors", "an index needs at least 2 vectors")
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        codes = codec.encode(vectors) if len(vectors) else np.zeros((0, codec.bytes_per_vector), np.uint8)
+        return cls.build_from(ids, lambda rows: vectors[rows], lambda rows: codes[rows], codec, env, config, txn)
+
+    @classmethod
+    def build_from(cls, ids: np.ndarray, read_vectors: Callable[[np.ndarray], np.ndarray],
+                   read_codes: Callable[[np.ndarray], np.ndarray], codec: Codec,
+                   env: lmdb.Environment | PostingStore, config: SpannConfig = SpannConfig(),
+                   txn: lmdb.Transaction | None = None, sample_size: int = BUILD_SAMPLE,
+                   chunk_rows: int = BUILD_CHUNK) -> SpannIndex:
+        """Cluster a sample, assign every vector (with boundary replicas) chunk by chunk, then write
+        the lists one at a time in one transaction (the caller's when given; whatever the
+        environment held before is replaced). `read_vectors(rows)` / `read_codes(rows)` give the
+        float vectors / codes of ids[rows], so no more than a sample or a chunk of float32 vectors
+        and one list of codes are in RAM at once. Inside a caller's write transaction pass a
+        PostingStore opened before it: LMDB cannot open databases then."""
         ids = np.asarray(ids, dtype=np.int64)
-        _, raw_centroids = balanced_kmeans(vectors, ClusteringConfig(config.posting_limit, config.branching,
-                                                                     seed=config.seed))
+        n = len(ids)
+        if n < 2:
+            raise invalid("vectors", "an index needs at least 2 vectors")
+        sample = np.arange(n)
+        if n > sample_size:
+            sample = np.sort(np.random.default_rng(config.seed).choice(n, sample_size, replace=False))
+        # Lists as long on the whole collection as posting_limit: the sample's are shorter in proportion.
+        limit = max(MIN_SAMPLE_LIST, round(config.posting_limit * len(sample) / n))
+        _, raw_centroids = balanced_kmeans(np.ascontiguousarray(read_vectors(sample), dtype=np.float32),
+                                           ClusteringConfig(limit, config.branching, seed=config.seed))
         centroids = CentroidIndex.fit(raw_centroids, config.prefix_dim)
-        assigned = assign_with_replicas(vectors, centroids, config)
-        codes = codec.encode(vectors)
-        rows = np.repeat(np.arange(len(vectors)), assigned.shape[1])
+        assigned = np.concatenate([
+            assign_with_replicas(np.ascontiguousarray(read_vectors(np.arange(lo, min(n, lo + chunk_rows))),
+                                                      dtype=np.float32), centroids, config)
+            for lo in range(0, n, chunk_rows)])
+        rows = np.repeat(np.arange(n), assigned.shape[1])
         lists = assigned.ravel()
         keep = lists >= 0
         rows, lists = rows[keep], lists[keep]
@@ -176,12 +202,12 @@ class SpannIndex:
         rows, lists = rows[order], lists[order]
         bounds = np.searchsorted(lists, np.arange(len(centroids) + 1))
         postings = env if isinstance(env, PostingStore) else PostingStore(env)
-        payload = {int(list_id): (ids[rows[lo:hi]], codes[rows[lo:hi]])
-                   for list_id, (lo, hi) in enumerate(itertools.pairwise(bounds)) if hi > lo}
 
         def write(txn: lmdb.Transaction) -> None:
             postings.clear(txn)
-            postings.write(payload, txn)
+            for list_id, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+                if hi > lo:
+                    postings.write({list_id: (ids[rows[lo:hi]], read_codes(rows[lo:hi]))}, txn)
             postings.write_centroids(txn, dict(enumerate(centroids.centroids)))
             postings.write_rotation(txn, centroids.rotation)
 
@@ -255,7 +281,7 @@ class SpannIndex:
         """Copy lists out of the map (they are about to be rewritten), without their tombstoned ids."""
         for lid, old_ids, old_codes in self.postings.read(txn, list_ids, self.codec.bytes_per_vector):
             live = ~self.is_dead(old_ids)
-            lists[lid] = (old_ids[live].copy(), old_codes[live].copy())
+            lists[lid] = (old_ids[live], old_codes[live])  # boolean indexing copies out of the map
 
     def _reassign(self, txn: lmdb.Transaction, lists: Lists, moved: list[int], centroids: CentroidIndex) -> None:
         """Members of split or retired lists stay only where their new assignment puts them, and

@@ -32,7 +32,8 @@ def _open_env(path: Path) -> lmdb.Environment:
             _ENVS[key] = (env, refs + 1)
             return env
         path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=16, subdir=True, lock=True, readahead=False)
+        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=16, subdir=True, lock=True, readahead=False,
+                        writemap=True)
         _ENVS[key] = (env, 1)
         return env
 

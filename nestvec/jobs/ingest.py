@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,11 +38,47 @@ class IngestSummary:
     disk_bytes: int
     bytes_per_vector: int
     compression_ratio: float
-    peak_rss_mb: float      # of this process, over its whole life
+    peak_rss_mb: float      # of this process, over its whole life (LMDB's mapped file pages included)
+    peak_anon_mb: float     # the most anonymous memory it held while the job ran (sampled)
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory, file pages of LMDB's memory map included (they are page cache)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def anon_rss_mb() -> float:
+    """Resident anonymous memory now: what the process itself holds, without mapped file pages."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
+        pass
+    return 0.0
+
+
+class AnonPeak:
+    """Samples anonymous RSS in a background thread (the kernel keeps no peak of it)."""
+
+    def __init__(self, every_s: float = 0.02) -> None:
+        self.peak_mb, self._every = anon_rss_mb(), every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nestvec-anon-peak", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak_mb = max(self.peak_mb, anon_rss_mb())
+
+    def __enter__(self) -> AnonPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, anon_rss_mb())
 
 
 def ingest(collection: CollectionHandle, source: Source, *, encoder: Encoder | None = None,
@@ -62,10 +99,11 @@ def ingest(collection: CollectionHandle, source: Source, *, encoder: Encoder | N
     bar = tqdm(total=total, initial=start, unit="doc", disable=not progress, desc=f"ingest {collection.name}",
                smoothing=0.1)
     written = 0
-    for count in collection.upsert_stream(_batches(collection, source, start, total, job, fingerprint,
-                                                   encoder, batch_size, fit_size)):
-        written += count
-        bar.update(count)
+    with AnonPeak() as anon:
+        for count in collection.upsert_stream(_batches(collection, source, start, total, job, fingerprint,
+                                                       encoder, batch_size, fit_size)):
+            written += count
+            bar.update(count)
     bar.close()
     seconds = time.perf_counter() - begin
     info = collection.info()
@@ -73,7 +111,7 @@ def ingest(collection: CollectionHandle, source: Source, *, encoder: Encoder | N
         documents=written, resumed_from=start, seconds=round(seconds, 2),
         docs_per_second=round(written / max(seconds, 1e-9), 1), disk_bytes=int(info["disk_bytes"]),
         bytes_per_vector=int(info["bytes_per_vector"]), compression_ratio=float(np.round(info["compression_ratio"], 2)),
-        peak_rss_mb=round(peak_rss_mb(), 1))
+        peak_rss_mb=round(peak_rss_mb(), 1), peak_anon_mb=round(anon.peak_mb, 1))
 
 
 def _start_position(state: JSONDict | None, fingerprint: str, resume: bool, source: Source) -> int:
