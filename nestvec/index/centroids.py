@@ -66,8 +66,10 @@ def _split_until_small(x: np.ndarray, members_all: np.ndarray, config: Clusterin
         k = max(k, 2)
         kmeans = faiss.Kmeans(d, k, niter=config.iterations, seed=config.seed + len(centroids),
                               min_points_per_centroid=1, max_points_per_centroid=1 << 30, spherical=False)
-        kmeans.train(np.ascontiguousarray(x[members]))
-        _, assign = kmeans.index.search(np.ascontiguousarray(x[members]), 1)
+        part = x if len(members) == n else np.ascontiguousarray(x[members])  # the top level is all of x: no copy
+        kmeans.train(part)
+        _, assign = kmeans.index.search(part, 1)
+        del part
         parts = [members[assign[:, 0] == c] for c in range(k)]
         parts = [p for p in parts if len(p)]
         if len(parts) == 1:  # degenerate (duplicates): cut in chunks rather than loop forever

@@ -33,9 +33,10 @@ INDEX_FORMAT_VERSION = 1
 SMALL_BATCH = 16
 # A build clusters at most this many vectors (a 250k collection need not hold all its float32
 # vectors at once), then assigns the rest to the centroids BUILD_CHUNK at a time.
-BUILD_SAMPLE = 32_768
+BUILD_SAMPLE = 65_536
 BUILD_CHUNK = 16_384
 MIN_SAMPLE_LIST = 8
+INSERT_GROUP = 512  # posting lists an insert reads, changes and writes at a time
 
 
 @dataclass(frozen=True)
@@ -229,35 +230,60 @@ class SpannIndex:
     def stage_insert(self, txn: lmdb.Transaction, codes: np.ndarray, ids: np.ndarray,
                      vectors: np.ndarray | None = None) -> Apply:
         """Append to each vector's lists (with replicas); a list past the split limit splits in two
-        and the members of both halves are reassigned against the new centroids; a list left too
-        small by purged tombstones merges into its neighbours."""
+        and the members of both halves are reassigned against the new centroids.
+
+        The lists are rewritten INSERT_GROUP at a time: a flush of a few thousand vectors touches
+        most lists of a large index, and holding them all at once made its memory grow with the
+        collection (~250 MB at 150k vectors)."""
         ids = np.asarray(ids, dtype=np.int64)
         vectors = self.codec.reconstruct(codes) if vectors is None else vectors
-        lists = self._append(txn, self._lists_of(vectors, self.centroids), ids, codes, {})
-        return self._rebalance(txn, lists)
-
-    def _rebalance(self, txn: lmdb.Transaction, lists: Lists) -> Apply:
-        """Split oversized and merge undersized lists among `lists` (already read and changed),
-        write them and the centroids, and return the in-RAM swap."""
-        changes = self._split_oversized(lists)
-        merge_limit = self.config.merge_limit or self.config.posting_limit // 2
-        small = [lid for lid, (i, _) in lists.items()
-                 if len(i) < merge_limit and lid not in changes and self.centroids.live_count > 1]
-        for lid in small:
-            changes[lid] = None
-        centroids = self.centroids.updated(changes) if changes else self.centroids
-        if changes:
-            moved = [lid for lid in changes if lid in lists]
-            self._reassign(txn, lists, moved, centroids)
-            for lid in small:
-                lists.pop(lid, None)
-        self.postings.write({lid: lists[lid] for lid in lists if lid not in small}, txn)
-        self.postings.write_centroids(txn, changes)
+        assigned = self._lists_of(vectors, self.centroids)
+        touched = np.unique(assigned[assigned >= 0])
+        centroids = self.centroids
+        for lo in range(0, len(touched), INSERT_GROUP):
+            group = touched[lo:lo + INSERT_GROUP]
+            mine = np.where(np.isin(assigned, group), assigned, -1)
+            rows = np.flatnonzero((mine >= 0).any(axis=1))
+            lists = self._append(txn, mine[rows], ids[rows], codes[rows], {})
+            # Only this group's own lists may merge away: a list of a later group is still named
+            # by assignments made before it could retire.
+            centroids = self._rebalance_lists(txn, lists, centroids, mergeable=set(group.tolist()))
 
         def apply() -> None:
             self.centroids = centroids
 
         return apply
+
+    def _rebalance(self, txn: lmdb.Transaction, lists: Lists) -> Apply:
+        """Split oversized and merge undersized lists among `lists` (already read and changed),
+        write them and the centroids, and return the in-RAM swap."""
+        centroids = self._rebalance_lists(txn, lists, self.centroids, mergeable=None)
+
+        def apply() -> None:
+            self.centroids = centroids
+
+        return apply
+
+    def _rebalance_lists(self, txn: lmdb.Transaction, lists: Lists, centroids: CentroidIndex,
+                         mergeable: set[int] | None) -> CentroidIndex:
+        """Write `lists` after splitting the oversized and retiring the undersized (among
+        `mergeable`, None for all); returns the centroids that result, to swap in after the commit."""
+        changes = self._split_oversized(lists, centroids)
+        merge_limit = self.config.merge_limit or self.config.posting_limit // 2
+        small = [lid for lid, (i, _) in lists.items()
+                 if (mergeable is None or lid in mergeable) and len(i) < merge_limit and lid not in changes
+                 and centroids.live_count > 1]
+        for lid in small:
+            changes[lid] = None
+        updated = centroids.updated(changes) if changes else centroids
+        if changes:
+            moved = [lid for lid in changes if lid in lists]
+            self._reassign(txn, lists, moved, updated)
+            for lid in small:
+                lists.pop(lid, None)
+        self.postings.write({lid: lists[lid] for lid in lists if lid not in small}, txn)
+        self.postings.write_centroids(txn, changes)
+        return updated
 
     def _lists_of(self, vectors: np.ndarray, centroids: CentroidIndex) -> np.ndarray:
         return assign_with_replicas(vectors, centroids, self.config)
@@ -300,11 +326,11 @@ class SpannIndex:
             lists[lid] = (ids[keep], codes[keep])
         self._append(txn, assigned, members_ids, members_codes, lists)
 
-    def _split_oversized(self, lists: Lists) -> dict[int, np.ndarray | None]:
+    def _split_oversized(self, lists: Lists, centroids: CentroidIndex) -> dict[int, np.ndarray | None]:
         """2-means on each list past the split limit: it keeps one half, a new list takes the other."""
         updates: dict[int, np.ndarray | None] = {}
-        free = self.centroids.free_ids()
-        next_id = len(self.centroids)
+        free = centroids.free_ids()
+        next_id = len(centroids)
         limit = self.config.split_limit or 2 * self.config.posting_limit
         for list_id in [lid for lid, (i, _) in lists.items() if len(i) > limit]:
             ids, codes = lists[list_id]
@@ -312,7 +338,7 @@ class SpannIndex:
             # Cluster the list's own members (nearest centroid is this list), not the boundary
             # replicas it holds for its neighbours: as at build time, a centroid is the mean of
             # its primaries, not pulled toward the boundaries.
-            primary = self.centroids.search(vectors, 1)[1][:, 0] == list_id
+            primary = centroids.search(vectors, 1)[1][:, 0] == list_id
             core = vectors[primary] if primary.sum() >= 4 else vectors
             new_id = free.pop(0) if free else next_id
             next_id += 0 if new_id < next_id else 1
