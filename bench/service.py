@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", default="1,8,32", help="closed-loop levels (back-to-back searches)")
     parser.add_argument("--open-loop", default="8@200,8@400", help="CLIENTS@RATE levels at a fixed offered load")
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each level")
     parser.add_argument("--encode-docs", type=int, default=500, help="texts sent for server-side encoding")
     parser.add_argument("--batch", type=int, default=2000, help="points per UpsertStream message")
     parser.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             levels = [(int(c), 0.0) for c in args.clients.split(",") if c] + [
                 (int(c), float(r)) for c, r in (lvl.split("@") for lvl in args.open_loop.split(",") if lvl)]
             for clients, rate in levels:
+                time.sleep(args.settle)  # the previous level's processes are gone and the machine is idle
                 row = run_concurrency(url, queries, clients, args.seconds, rate, args.nprobe)
                 row["recall@10"] = recall_at_10(row.pop("results"), ids[: args.docs], exact)
                 rows.append(row)
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         "metadata": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "docs": args.docs,
                      "codec": info["codec"], "bytes_per_vector": info["bytes_per_vector"],
                      "index": info["index"], "nprobe": args.nprobe or None,
-                     "cpus": os.cpu_count(), "seconds_per_level": args.seconds, "k": 10,
+                     "cpus": os.cpu_count(), "seconds_per_level": args.seconds, "settle_s": args.settle, "k": 10,
                      "clients": "separate processes, one channel each, searches back to back",
                      "server": "nestvec serve (own process), thread pool 16"},
         "upsert_stream": {"points": args.docs, "seconds": upsert_s, "points_per_s": args.docs / upsert_s,
