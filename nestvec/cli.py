@@ -25,8 +25,14 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
     source = Source(args.path, fmt=args.format, vectors=args.vectors, limit=args.limit)
     collection, encoder = _ingest_target(args, source)
+    ray = None
+    if args.ray is not None:
+        from nestvec.encoders import BUNDLED_MODEL
+        from nestvec.jobs.ray_encode import RayOptions
+
+        ray, encoder = RayOptions(args.encoder or BUNDLED_MODEL, args.ray or None, args.precision, args.actors), None
     summary = ingest(collection, source, encoder=encoder, batch_size=args.batch_size, fit_size=args.fit_size,
-                     resume=args.resume, progress=not args.no_progress)
+                     resume=args.resume, progress=not args.no_progress, ray=ray)
     print(json.dumps({"collection": args.collection, "count": collection.count(), **asdict(summary)}))
     return 0
 
@@ -133,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint an interrupted run of this job left in the collection")
     p.add_argument("--url", default=None, help="write to a server (grpc://host:port) through UpsertStream")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="encode on a Ray cluster (Ray Data + an actor pool); no ADDRESS: a local Ray")
+    p.add_argument("--actors", type=int, default=None, help="with --ray: encoder actors (default: one per GPU/CPU)")
     p.add_argument("--api-key", default=os.environ.get("NESTVEC_API_KEY"), help="with --url (env NESTVEC_API_KEY)")
     p.add_argument("--codec", default=None, help=f"codec spec, e.g. fp8, int8, pca192+fp8 (default {DEFAULT_CODEC})")
     p.add_argument("--encoder", default=None,

@@ -200,3 +200,50 @@ def test_the_same_job_into_a_server_through_upsert_stream(wiki: tuple[Path, Path
         client.close()
     finally:
         server.stop()
+
+
+def test_the_ray_path_writes_what_the_single_process_path_writes(wiki: tuple[Path, Path], tmp_path: Path) -> None:
+    """A local Ray (ray.init() in this process): Ray Data reads the JSONL, an actor pool encodes,
+    this process writes; the same ids and texts as the plain job, the same codes but for float
+    rounding (the actor's torch runs with other threads: a few int8 codes differ by one), the same
+    search results; and it resumes."""
+    import ray
+
+    from nestvec.encoders import BUNDLED_MODEL, load_encoder
+    from nestvec.jobs.ray_encode import RayOptions
+
+    text, _ = wiki
+    source = Source(text, limit=600)
+    ids = [r["_id"] for r in _rows(text)[:600]]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with Catalog(tmp_path / "plain") as plain, Catalog(tmp_path / "ray") as on_ray:
+            encoder = load_encoder()
+            a = plain.create_collection("w", encoder=encoder)
+            ingest(a, source, encoder=encoder, batch_size=300, fit_size=300, progress=False)
+            b = on_ray.create_collection("w", encoder=encoder)
+            summary = ingest(b, source, batch_size=300, fit_size=300, progress=False,
+                             ray=RayOptions(BUNDLED_MODEL))
+            assert summary.documents == 600 and b.count() == 600
+            assert [r.text if r else None for r in a.get(ids)] == [r.text if r else None for r in b.get(ids)]
+            keys = [i.encode() for i in ids]
+
+            def same_codes() -> None:
+                gap = np.abs(a.store.get_codes(keys, 384).astype(int) - b.store.get_codes(keys, 384).astype(int))
+                assert gap.max() <= 1 and (gap > 0).mean() < 1e-3
+
+            same_codes()
+            queries = encoder.encode([f"{t.split('.')[0]}" for t in (r.text or "" for r in a.get(ids[:20]) if r)],
+                                     kind="query")
+            assert [[h.id for h in hits] for hits in a.search_batch(queries, 10)] == \
+                [[h.id for h in hits] for hits in b.search_batch(queries, 10)]
+            assert b.jobs()[source.job_name()]["done"] is True
+            first = b.get([ids[0]])[0]
+            assert first is not None
+            state = {**b.jobs()[source.job_name()], "position": 300, "done": False}
+            b.upsert([ids[0]], texts=[first.text], checkpoint=(source.job_name(), state))
+            again = ingest(b, source, batch_size=300, resume=True, progress=False, ray=RayOptions(BUNDLED_MODEL))
+            assert again.resumed_from == 300 and again.documents == 300 and b.count() == 600
+            same_codes()
+    finally:
+        ray.shutdown()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from nestvec.client.base import CollectionHandle
 from nestvec.encoders import Encoder
 from nestvec.errors import FailedPreconditionError, invalid
+from nestvec.jobs.ray_encode import RayOptions, ray_batches
 from nestvec.jobs.sources import Source
 from nestvec.types import JSONDict, UpsertBatch
 
@@ -83,13 +84,14 @@ class AnonPeak:
 
 def ingest(collection: CollectionHandle, source: Source, *, encoder: Encoder | None = None,
            batch_size: int = DEFAULT_BATCH, fit_size: int = DEFAULT_FIT_SIZE, resume: bool = False,
-           progress: bool = True) -> IngestSummary:
+           progress: bool = True, ray: RayOptions | None = None) -> IngestSummary:
     """Run (or, with `resume`, continue) the job of ingesting `source` into `collection`.
 
     Vectors come from the source when it has them, else from `encoder`, else (a remote
     collection) the server encodes the texts. An embedded collection whose codec is not fitted
     yet is fitted on the first `fit_size` vectors, so a resumed job codes exactly as an
-    uninterrupted one."""
+    uninterrupted one. With `ray`, Ray Data reads the input and an actor pool encodes it
+    (batches of `batch_size` throughout); this process still writes every batch and checkpoint."""
     if batch_size < 1:
         raise invalid("batch_size", f"must be >= 1, got {batch_size}")
     job, fingerprint = source.job_name(), source.fingerprint()
@@ -101,7 +103,7 @@ def ingest(collection: CollectionHandle, source: Source, *, encoder: Encoder | N
     written = 0
     with AnonPeak() as anon:
         for count in collection.upsert_stream(_batches(collection, source, start, total, job, fingerprint,
-                                                       encoder, batch_size, fit_size)):
+                                                       encoder, batch_size, fit_size, ray)):
             written += count
             bar.update(count)
     bar.close()
@@ -132,12 +134,14 @@ def _start_position(state: JSONDict | None, fingerprint: str, resume: bool, sour
 
 
 def _batches(collection: CollectionHandle, source: Source, start: int, total: int, job: str, fingerprint: str,
-             encoder: Encoder | None, batch_size: int, fit_size: int) -> Iterator[UpsertBatch]:
+             encoder: Encoder | None, batch_size: int, fit_size: int, ray: RayOptions | None) -> Iterator[UpsertBatch]:
     local_unfitted = hasattr(collection, "fit_codec") and not collection.info()["codec_fitted"]
     first = fit_size if local_unfitted and start == 0 else batch_size  # the codec's fitting sample
+    read = ray_batches(source, start, batch_size, ray) if ray is not None else \
+        source.batches(start, batch_size, first=first)
 
     def upserts() -> Iterator[UpsertBatch]:
-        for batch in source.batches(start, batch_size, first=first):
+        for batch in read:
             texts = [d.text for d in batch.documents]
             vectors = batch.vectors
             if vectors is None and encoder is not None:
