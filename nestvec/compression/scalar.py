@@ -136,7 +136,10 @@ class Int8Quantizer:
         return np.clip(np.rint((x - self.low) / self.step), 0, 255).astype(np.uint8)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        return self.low + codes.astype(np.float32) * self.step
+        out = codes.astype(np.float32)  # in place from here: one float32 copy, not three at once
+        out *= self.step
+        out += self.low
+        return out
 
     def block_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         out: np.ndarray = (queries * self.step) @ codes.T.astype(np.float32)
