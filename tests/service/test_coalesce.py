@@ -59,7 +59,10 @@ def test_a_crowd_of_singles_is_answered_by_one_batch_and_errors_reach_their_call
         assert started.wait(5)  # the search thread is busy from here on
         crowd = [pool.submit(coalescer.search, "crowd", np.array([i], np.float32), run) for i in range(6)]
         few = [pool.submit(coalescer.search, "few", np.array([i], np.float32), run) for i in range(2)]
-        time.sleep(0.5)  # all eight queue behind the blocker
+        deadline = time.time() + 10
+        while len(coalescer._pending) < 8 and time.time() < deadline:  # all eight queue behind the blocker
+            time.sleep(0.01)
+        assert len(coalescer._pending) == 8
         gate.set()
         assert blocker.result(5) is True
         assert [f.result(5) for f in crowd] == [[f"q{i}"] for i in range(6)]
