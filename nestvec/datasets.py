@@ -51,18 +51,32 @@ def iter_corpus(path: Path | str) -> Iterator[Document]:
                 continue
             try:
                 row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-                doc_id = row.get("_id", row.get("id"))
-                if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
-                    raise ValueError("missing '_id'")
-                title, text = row.get("title") or "", row.get("text") or ""
-                if not isinstance(title, str) or not isinstance(text, str):
-                    raise ValueError("'title' and 'text' must be strings")
             except ValueError as err:
                 raise InvalidArgumentError(f"{path}:{lineno}: malformed line: {err}", field="corpus") from None
-            meta = row["metadata"] if isinstance(row.get("metadata"), dict) else {}
-            yield Document(str(doc_id), document_text(title, text), meta)
+            yield document_from_row(row, f"{path}:{lineno}")
+
+
+def document_from_row(row: object, where: str, id_columns: tuple[str, ...] = ("_id", "id")) -> Document:
+    """A BEIR-style record (id, title, text, metadata) as a Document; `where` names the line or row
+    in the error for a malformed one."""
+    try:
+        if not isinstance(row, dict):
+            raise ValueError("not a JSON object")
+        doc_id = next((row[c] for c in id_columns if row.get(c) is not None), None)
+        if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
+            raise ValueError(f"missing '{id_columns[0]}'")
+        title, text = row.get("title") or "", row.get("text") or ""
+        if not isinstance(title, str) or not isinstance(text, str):
+            raise ValueError("'title' and 'text' must be strings")
+    except ValueError as err:
+        raise InvalidArgumentError(f"{where}: malformed line: {err}", field="corpus") from None
+    metadata = row.get("metadata")
+    if isinstance(metadata, str):  # Parquet files often carry it as a JSON string
+        try:
+            metadata = json.loads(metadata)
+        except json.JSONDecodeError:
+            metadata = None
+    return Document(str(doc_id), document_text(title, text), metadata if isinstance(metadata, dict) else {})
 
 
 def load_queries(path: Path | str) -> dict[str, str]:

@@ -22,7 +22,7 @@ BLOCK_ROWS = 16384
 SCAN_ROWS = 8192
 
 
-def _top(scores: np.ndarray, positions: np.ndarray, wide: int) -> tuple[np.ndarray, np.ndarray]:
+def top_columns(scores: np.ndarray, positions: np.ndarray, wide: int) -> tuple[np.ndarray, np.ndarray]:
     """The best `wide` columns per row (unordered); -1 positions where scores are -inf."""
     if wide < scores.shape[1]:
         top = np.argpartition(-scores, wide - 1, axis=1)[:, :wide]
@@ -158,7 +158,7 @@ class Codec:
             scores = self.scores_parts(queries, parts)
             if keep is not None:
                 scores[:, ~keep] = -np.inf
-            return _top(scores, np.broadcast_to(np.arange(total), scores.shape), wide)
+            return top_columns(scores, np.broadcast_to(np.arange(total), scores.shape), wide)
         prepared, offset = self.prepare_queries(queries)
         found: list[tuple[np.ndarray, np.ndarray]] = []
         chunk: list[np.ndarray] = []
@@ -172,7 +172,7 @@ class Codec:
         found.append(self._scan_chunk(index, prepared, chunk, rows, start, wide, keep))
         scores = np.concatenate([f[0] for f in found], axis=1) + offset[:, None]
         positions = np.concatenate([f[1] for f in found], axis=1)
-        return _top(np.where(positions >= 0, scores, -np.inf).astype(np.float32), positions, wide)
+        return top_columns(np.where(positions >= 0, scores, -np.inf).astype(np.float32), positions, wide)
 
     def _scan_chunk(self, index: Any, prepared: np.ndarray, chunk: list[np.ndarray], rows: int, start: int,
                     wide: int, keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

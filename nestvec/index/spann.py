@@ -20,6 +20,7 @@ import lmdb
 import numpy as np
 
 from nestvec.compression import Codec
+from nestvec.compression.codec import top_columns
 from nestvec.errors import invalid
 from nestvec.fsutil import read_json, write_json
 from nestvec.index.centroids import CentroidIndex, ClusteringConfig, balanced_kmeans
@@ -458,16 +459,9 @@ class SpannIndex:
         keep = self._allowed(ids, allowed)
         if keep is not None:
             scores[:, ~keep] = -np.inf
-        if wide < len(ids):
-            top = np.argpartition(-scores, wide - 1, axis=1)[:, :wide]
-            scores = np.take_along_axis(scores, top, axis=1)
-        else:
-            top = np.broadcast_to(np.arange(len(ids)), scores.shape)
-        out = []
-        for row_top, row_scores in zip(top, scores, strict=True):
-            found = np.isfinite(row_scores)
-            out.append((ids[row_top[found]], row_scores[found]))
-        return out
+        scores, top = top_columns(scores, np.broadcast_to(np.arange(len(ids)), scores.shape), wide)
+        return [(ids[row_top[row_top >= 0]], row_scores[row_top >= 0])
+                for row_top, row_scores in zip(top, scores, strict=True)]
 
     def _allowed(self, ids: np.ndarray, allowed: np.ndarray | None) -> np.ndarray | None:
         """Mask of candidates that may be returned (live, and passing the filter); None for all."""

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from nestvec.datasets import Document, document_text, iter_corpus
-from nestvec.errors import InvalidArgumentError, NotFoundError, invalid
+from nestvec.datasets import Document, document_from_row, iter_corpus
+from nestvec.errors import NotFoundError, invalid
 
 FORMATS = ("auto", "jsonl", "parquet", "text")
 PARQUET_ID_COLUMNS = ("_id", "id")
@@ -156,21 +154,5 @@ class Source:
                                                  columns=columns):
             for row in record_batch.to_pylist():
                 if position >= start:
-                    yield _parquet_row(row, id_column, self.path, position)
+                    yield document_from_row(row, f"{self.path}: row {position}", (id_column,))
                 position += 1
-
-
-def _parquet_row(row: dict[str, Any], id_column: str, path: Path, position: int) -> Document:
-    doc_id, text, title = row.get(id_column), row.get("text"), row.get("title") or ""
-    if doc_id is None or isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
-        raise InvalidArgumentError(f"{path}: row {position}: '{id_column}' must be a string or an integer",
-                                   field="corpus")
-    if not isinstance(text, str) or not isinstance(title, str):
-        raise InvalidArgumentError(f"{path}: row {position}: 'text' and 'title' must be strings", field="corpus")
-    metadata = row.get("metadata")
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata)
-        except json.JSONDecodeError:
-            metadata = None
-    return Document(str(doc_id), document_text(title, text), metadata if isinstance(metadata, dict) else {})
