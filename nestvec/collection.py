@@ -236,11 +236,11 @@ class Collection:
         if self.store.get_meta(INDEX_KIND) == b"spann":
             self._load_spann()
             return
-        keys, documents, codes = self.store.load(self.scan_codec.bytes_per_vector)
+        keys, metadata, codes = self.store.load(self.scan_codec.bytes_per_vector)
         self._ids: list[str] = [k.decode() for k in keys]
         self._row_of: dict[str, int] = {key: row for row, key in enumerate(self._ids)}
         self.index.append(codes)
-        self.metadata.append([json.loads(d).get("metadata", {}) for d in documents])
+        self.metadata.append(metadata)
 
     def _meta_int(self, key: bytes) -> int:
         raw = self.store.get_meta(key)
@@ -248,13 +248,13 @@ class Collection:
 
     def _load_spann(self) -> None:
         """Ids and metadata into RAM; codes stay on disk except the unflushed buffer's."""
-        keys, documents, vids = self.store.load_keyed()
+        keys, metadata, vids = self.store.load_keyed()
         next_vid, base = self._meta_int(NEXT_VID), self._meta_int(FLUSHED_UPTO)
         self._ids = [""] * next_vid
         metas: list[JSONDict] = [{} for _ in range(next_vid)]
-        for key, doc, vid in zip(keys, documents, vids.tolist(), strict=True):
+        for key, meta, vid in zip(keys, metadata, vids.tolist(), strict=True):
             self._ids[vid] = key.decode()
-            metas[vid] = json.loads(doc).get("metadata", {})
+            metas[vid] = meta
         self._row_of = {self._ids[vid]: vid for vid in vids.tolist()}
         self.metadata.append(metas)
         live = np.zeros(next_vid, dtype=bool)
@@ -653,7 +653,8 @@ class Collection:
         """Exact scan of just these rows' codes, read from the store (a selective filter)."""
         if not len(rows):
             return rerank(np.zeros((len(vectors), 0), np.float32), np.zeros((len(vectors), 0), np.int64), k)
-        codes = self.store.get_codes([self._ids[r].encode() for r in rows.tolist()], self.codec.bytes_per_vector)
+        codes = self.store.get_codes([self._ids[r].encode() for r in rows.tolist()], self.codec.bytes_per_vector,
+                                     bulk=False)
         scores = self.codec.scores(vectors, codes)
         return rerank(scores, np.broadcast_to(rows, scores.shape), k)
 

@@ -1,4 +1,4 @@
-"""Handing freed heap memory back to the OS after index maintenance.
+"""Handing memory back to the OS after index maintenance and bulk writes.
 
 A flush or a rebuild allocates and frees many list-sized buffers (tens to hundreds of KB each).
 glibc serves them from its heap once its dynamic mmap threshold has risen, and the holes left
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from pathlib import Path
 from typing import Any
 
 _libc: Any = None
@@ -27,3 +28,56 @@ def trim_heap() -> None:
     """Return free heap pages to the OS (glibc); a no-op elsewhere. Costs about a millisecond."""
     if _libc is not None:
         _libc.malloc_trim(0)
+
+
+# MADV_DONTNEED on a shared file mapping only unmaps pages from this process: the data stays in
+# the page cache (dirty pages included, written back as usual) and the next touch maps it again.
+_MADV_DONTNEED = 4
+RELEASE_STEP = 16 << 20
+
+
+class MappedFile:
+    """Keeps the pages of a memory-mapped file (LMDB's map) that bulk work touches from piling
+    up in this process's resident set.
+
+    LMDB writes through its map (writemap), so every page a bulk load writes or reads stays
+    mapped: a 150k ingest ended at 880 MB resident, 600 MB of it LMDB pages, though the process
+    itself needed a quarter of that. Writers charge the bytes they move; every RELEASE_STEP the
+    file's pages are unmapped here. Search reads are not charged: serving keeps its pages.
+    Hand-written because Python cannot name LMDB's map address: the mappings are found in
+    /proc/self/maps and released with madvise (Linux; a no-op elsewhere)."""
+
+    def __init__(self, file: Path, step: int = RELEASE_STEP) -> None:
+        self.file, self.step = str(file.resolve()), step
+        self._charged = 0
+        self.releases = 0
+
+    def charge(self, nbytes: int) -> None:
+        self._charged += nbytes
+        if self._charged >= self.step:
+            self._charged = 0
+            self.release()
+
+    def release(self) -> None:
+        if _libc is None:
+            return
+        try:
+            with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
+                spans = [line.split(maxsplit=1)[0] for line in fh if line.rstrip("\n").endswith(self.file)]
+        except OSError:  # not Linux
+            return
+        for span in spans:
+            low, high = (int(part, 16) for part in span.split("-"))
+            _libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED)
+        self.releases += 1
+
+
+_MAPPED: dict[str, MappedFile] = {}
+
+
+def mapped_file(file: Path) -> MappedFile:
+    """One tracker per file, shared by every store that writes through the same map."""
+    key = str(file.resolve())
+    if key not in _MAPPED:
+        _MAPPED[key] = MappedFile(file)
+    return _MAPPED[key]

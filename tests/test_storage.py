@@ -73,3 +73,30 @@ def test_crash_between_codec_save_and_reencode_is_finished_on_open(
     assert reopened.index.codes().shape == (500, 384)
     assert reopened.search(vecs[42], k=1)[0].id == ids[42]
     assert reopened.get([ids[7]])[0].text == "t7"  # type: ignore[union-attr]
+
+
+def _rss_file_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("RssFile:")) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="mapped pages are found in /proc (Linux)")
+def test_bulk_writes_release_the_pages_they_mapped_and_keep_the_data(
+        tmp_path: Path, scifact_vectors: tuple[list[str], np.ndarray]) -> None:
+    """LMDB writes through its map: what a bulk load wrote would stay resident. Past RELEASE_STEP
+    bytes the store unmaps the file's pages; the data is still all there, read back from the file."""
+    from nestvec.memory import RELEASE_STEP, mapped_file
+
+    _, vecs = scifact_vectors
+    col = nestvec.connect(tmp_path).create_collection("t", encoder=None, dim=384, codec="int8")
+    pages = mapped_file(tmp_path / "t" / "data.lmdb" / "data.mdb")
+    pages.step = 1 << 62  # nothing released while the data goes in
+    text = "x" * 20_000   # 40 MB of documents: well over the release step
+    col.upsert([f"d{i}" for i in range(2000)], vectors=np.resize(vecs, (2000, 384)), texts=[text] * 2000)
+    before = _rss_file_mb()
+    assert before > 30
+    pages.step = RELEASE_STEP
+    pages.charge(RELEASE_STEP)
+    assert pages.releases >= 1 and _rss_file_mb() < before - 30
+    got = col.get([f"d{i}" for i in range(0, 2000, 97)])
+    assert all(r is not None and r.text == text for r in got)

@@ -8,10 +8,17 @@ gives the prefix; for a Matryoshka encoder the rotation is close to the identity
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+
+# Rows read at once when a clustering pass goes over all of its vectors.
+CLUSTER_CHUNK = 8192
+# A k-means level trains on at most this many vectors per centroid (faiss's default max is 256).
+# wiki250k 150k, nprobe 96: recall@10 0.9614 against 0.9620 training the top split on all 65k.
+TRAIN_PER_CENTROID = 1024
 
 
 @dataclass(frozen=True)
@@ -25,18 +32,46 @@ class ClusteringConfig:
     seed: int = 0
 
 
-def balanced_kmeans(x: np.ndarray, config: ClusteringConfig) -> tuple[np.ndarray, np.ndarray]:
+RowReader = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class LazyRows:
+    """`count` float32 rows that `read(row_numbers)` produces on demand (decoded from codes, say):
+    the clustering holds a chunk, a training subsample or one cluster of them at a time, never all,
+    so a build's memory does not grow with its sample."""
+
+    count: int
+    read: RowReader
+
+    @classmethod
+    def of(cls, x: np.ndarray) -> LazyRows:
+        return cls(len(x), lambda rows: x[rows])
+
+    def chunks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row numbers, float32 rows) of `rows`, CLUSTER_CHUNK at a time."""
+        size = CLUSTER_CHUNK
+        for lo in range(0, len(rows), size):
+            part = rows[lo:lo + size]
+            yield part, np.ascontiguousarray(self.read(part), dtype=np.float32)
+
+
+def balanced_kmeans(x: np.ndarray | LazyRows, config: ClusteringConfig) -> tuple[np.ndarray, np.ndarray]:
     """Hierarchical faiss k-means into lists of <= posting_limit vectors, refined globally.
 
     Returns (labels [n], centroids [m, d]). The loops are over clusters, each step vectorised.
     """
-    labels, centroids = _split_until_small(x, np.arange(len(x)), config, [])
+    rows = x if isinstance(x, LazyRows) else LazyRows.of(x)
+    everyone = np.arange(rows.count)
+    labels, centroids = _split_until_small(rows, everyone, config, [])
     for _ in range(config.refine):
-        _, nearest = faiss.knn(x, centroids, 1)
-        kept, labels = np.unique(nearest[:, 0], return_inverse=True)
+        nearest = np.concatenate([faiss.knn(chunk, centroids, 1)[1][:, 0] for _, chunk in rows.chunks(everyone)])
+        kept, labels = np.unique(nearest, return_inverse=True)
         sizes = np.bincount(labels, minlength=len(kept))
-        sums = np.zeros((len(kept), x.shape[1]), dtype=np.float64)
-        np.add.at(sums, labels, x)
+        sums = np.zeros((len(kept), centroids.shape[1]), dtype=np.float64)
+        for part, chunk in rows.chunks(everyone):
+            np.add.at(sums, labels[part], chunk)
+        del chunk  # else it lives on beside the next pass's first chunk
         means = (sums / sizes[:, None]).astype(np.float32)
         fits = sizes <= config.posting_limit
         renumber = np.cumsum(fits) - 1
@@ -44,33 +79,40 @@ def balanced_kmeans(x: np.ndarray, config: ClusteringConfig) -> tuple[np.ndarray
         new_labels = np.where(fits[labels], renumber[labels], -1)
         for cluster in np.flatnonzero(~fits).tolist():
             members = np.flatnonzero(labels == cluster)
-            new_labels[members] = _split_until_small(x, members, config, refined)[0][members]
+            new_labels[members] = _split_until_small(rows, members, config, refined)[0][members]
         labels, centroids = new_labels, np.ascontiguousarray(np.stack(refined), dtype=np.float32)
     return labels, centroids
 
 
-def _split_until_small(x: np.ndarray, members_all: np.ndarray, config: ClusteringConfig,
+def _split_until_small(rows: LazyRows, members_all: np.ndarray, config: ClusteringConfig,
                        centroids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Recursive k-means of x[members_all] until every cluster holds <= posting_limit vectors;
-    new centroids are appended to `centroids` (labels continue its numbering)."""
-    n, d = x.shape
-    labels = np.full(n, -1, dtype=np.int64)
+    """Recursive k-means of rows[members_all] until every cluster holds <= posting_limit vectors;
+    new centroids are appended to `centroids` (labels continue its numbering). A cluster larger
+    than TRAIN_PER_CENTROID x k trains on a subsample of that size (faiss's own rule) and is
+    assigned chunk by chunk."""
+    labels = np.full(rows.count, -1, dtype=np.int64)
     pending = [members_all]
+    rng = np.random.default_rng(config.seed)
     while pending:
         members = pending.pop()
         if len(members) <= config.posting_limit:
             labels[members] = len(centroids)
-            centroids.append(x[members].mean(axis=0))
+            centroids.append(rows.read(members).mean(axis=0, dtype=np.float64).astype(np.float32))
             continue
-        k = int(min(config.branching, int(np.ceil(len(members) / config.posting_limit))))
-        k = max(k, 2)
+        k = max(2, int(min(config.branching, int(np.ceil(len(members) / config.posting_limit)))))
+        cap = k * TRAIN_PER_CENTROID
+        train = members if len(members) <= cap else np.sort(rng.choice(members, cap, replace=False))
+        part = np.ascontiguousarray(rows.read(train), dtype=np.float32)
+        d = part.shape[1]
         kmeans = faiss.Kmeans(d, k, niter=config.iterations, seed=config.seed + len(centroids),
                               min_points_per_centroid=1, max_points_per_centroid=1 << 30, spherical=False)
-        part = x if len(members) == n else np.ascontiguousarray(x[members])  # the top level is all of x: no copy
         kmeans.train(part)
-        _, assign = kmeans.index.search(part, 1)
-        del part
-        parts = [members[assign[:, 0] == c] for c in range(k)]
+        if len(train) == len(members):
+            assign = kmeans.index.search(part, 1)[1][:, 0]
+        else:
+            del part
+            assign = np.concatenate([kmeans.index.search(chunk, 1)[1][:, 0] for _, chunk in rows.chunks(members)])
+        parts = [members[assign == c] for c in range(k)]
         parts = [p for p in parts if len(p)]
         if len(parts) == 1:  # degenerate (duplicates): cut in chunks rather than loop forever
             parts = np.array_split(members, int(np.ceil(len(members) / config.posting_limit)))

@@ -9,10 +9,13 @@ import ctypes
 import mmap
 import struct
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lmdb
 import numpy as np
+
+from nestvec.memory import mapped_file
 
 _HEADER = struct.Struct("<I")
 _PAGE = mmap.PAGESIZE
@@ -60,6 +63,7 @@ class PostingStore:
         # Where each list's bytes sat in the map when last read. Only used as madvise hints issued
         # before LMDB's own lookups fault pages one by one; a stale entry is a harmless wrong hint.
         self._where: dict[int, tuple[int, int]] = {}
+        self.pages = mapped_file(Path(env.path()) / "data.mdb")
 
     def write_centroids(self, txn: lmdb.Transaction, centroids: Mapping[int, np.ndarray | None]) -> None:
         """Put centroids; None retires a list (its centroid and its postings go)."""
@@ -112,7 +116,9 @@ class PostingStore:
                 self.write(lists, own)
             return
         for list_id, (ids, codes) in lists.items():
-            txn.put(list_key(list_id), pack_list(ids, codes), db=self.db)
+            blob = pack_list(ids, codes)
+            txn.put(list_key(list_id), blob, db=self.db)
+            self.pages.charge(2 * len(blob))  # the list written and the old one read before it
 
     def read(self, txn: lmdb.Transaction, list_ids: Iterable[int],
              code_size: int) -> list[tuple[int, np.ndarray, np.ndarray]]:

@@ -23,7 +23,7 @@ from nestvec.compression import Codec
 from nestvec.compression.codec import top_columns
 from nestvec.errors import invalid
 from nestvec.fsutil import read_json, write_json
-from nestvec.index.centroids import CentroidIndex, ClusteringConfig, balanced_kmeans
+from nestvec.index.centroids import CentroidIndex, ClusteringConfig, LazyRows, balanced_kmeans
 from nestvec.index.postings import PostingStore
 from nestvec.index.topk import empty_topk
 
@@ -37,7 +37,8 @@ SMALL_BATCH = 16
 BUILD_SAMPLE = 65_536
 BUILD_CHUNK = 16_384
 MIN_SAMPLE_LIST = 8
-INSERT_GROUP = 512  # posting lists an insert reads, changes and writes at a time
+INSERT_GROUP = 128  # posting lists an insert reads, changes and writes at a time
+ASSIGN_CHUNK = 4096  # vectors assigned to lists at a time
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,18 @@ class SpannConfig:
         return cls(**{k: v for k, v in data.items() if k != "format_version"})
 
 
-def assign_with_replicas(vectors: np.ndarray, centroids: CentroidIndex, config: SpannConfig) -> np.ndarray:
-    """Lists of each vector (primary first), as [n, 1 + replicas] with -1 padding; vectorised over vectors."""
+def assign_with_replicas(vectors: np.ndarray, centroids: CentroidIndex, config: SpannConfig,
+                         chunk_rows: int = ASSIGN_CHUNK) -> np.ndarray:
+    """Lists of each vector (primary first), as [n, 1 + replicas] with -1 padding; vectorised over
+    vectors, chunk_rows at a time (the RNG rule gathers [rows, d] centroid pairs: unchunked, a split
+    that reassigns 50k members held ~300 MB of them at once)."""
+    if len(vectors) > chunk_rows:
+        return np.concatenate([_assign_chunk(vectors[lo:lo + chunk_rows], centroids, config)
+                               for lo in range(0, len(vectors), chunk_rows)])
+    return _assign_chunk(vectors, centroids, config)
+
+
+def _assign_chunk(vectors: np.ndarray, centroids: CentroidIndex, config: SpannConfig) -> np.ndarray:
     dist, cand = centroids.search(vectors, 2 * (config.replicas + 1))
     dist = np.sqrt(np.maximum(dist, 0))
     chosen = np.full((len(vectors), config.replicas + 1), -1, dtype=np.int64)
@@ -189,17 +200,16 @@ class SpannIndex:
             sample = np.sort(np.random.default_rng(config.seed).choice(n, sample_size, replace=False))
         # Lists as long on the whole collection as posting_limit: the sample's are shorter in proportion.
         limit = max(MIN_SAMPLE_LIST, round(config.posting_limit * len(sample) / n))
-        _, raw_centroids = balanced_kmeans(np.ascontiguousarray(read_vectors(sample), dtype=np.float32),
+        _, raw_centroids = balanced_kmeans(LazyRows(len(sample), lambda rows: read_vectors(sample[rows])),
                                            ClusteringConfig(limit, config.branching, seed=config.seed))
         centroids = CentroidIndex.fit(raw_centroids, config.prefix_dim)
-        assigned = np.concatenate([
+        assigned = np.concatenate([  # int32: these arrays are the build's only ones as long as the collection
             assign_with_replicas(np.ascontiguousarray(read_vectors(np.arange(lo, min(n, lo + chunk_rows))),
-                                                      dtype=np.float32), centroids, config)
+                                                      dtype=np.float32), centroids, config).astype(np.int32)
             for lo in range(0, n, chunk_rows)])
-        rows = np.repeat(np.arange(n), assigned.shape[1])
-        lists = assigned.ravel()
-        keep = lists >= 0
-        rows, lists = rows[keep], lists[keep]
+        rows, slot = np.nonzero(assigned >= 0)  # row-major: each vector's lists in order, primary first
+        lists = assigned[rows, slot]
+        del assigned, slot
         order = np.argsort(lists, kind="stable")
         rows, lists = rows[order], lists[order]
         bounds = np.searchsorted(lists, np.arange(len(centroids) + 1))
@@ -212,6 +222,7 @@ class SpannIndex:
                     postings.write({list_id: (ids[rows[lo:hi]], read_codes(rows[lo:hi]))}, txn)
             postings.write_centroids(txn, dict(enumerate(centroids.centroids)))
             postings.write_rotation(txn, centroids.rotation)
+            postings.pages.release()  # the commit maps its own pages (the freed lists): start it from few
 
         if txn is None:
             with postings.env.begin(write=True) as own:
@@ -325,7 +336,16 @@ class SpannIndex:
             wanted = members_ids[(assigned == lid).any(axis=1)]
             keep = np.isin(ids, wanted)
             lists[lid] = (ids[keep], codes[keep])
-        self._append(txn, assigned, members_ids, members_codes, lists)
+        held = np.isin(assigned, np.fromiter(lists, dtype=np.int64, count=len(lists)))
+        self._append(txn, np.where(held, assigned, -1), members_ids, members_codes, lists)
+        # Neighbours outside `lists` take their new members now, INSERT_GROUP at a time, and are
+        # not held: they were most of the memory of a large flush (~950 lists at 150k vectors).
+        elsewhere = np.where(held, -1, assigned)
+        targets = np.unique(elsewhere[elsewhere >= 0])
+        for lo in range(0, len(targets), INSERT_GROUP):
+            part = np.where(np.isin(elsewhere, targets[lo:lo + INSERT_GROUP]), elsewhere, -1)
+            rows = np.flatnonzero((part >= 0).any(axis=1))
+            self.postings.write(self._append(txn, part[rows], members_ids[rows], members_codes[rows], {}), txn)
 
     def _split_oversized(self, lists: Lists, centroids: CentroidIndex) -> dict[int, np.ndarray | None]:
         """2-means on each list past the split limit: it keeps one half, a new list takes the other."""

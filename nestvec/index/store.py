@@ -9,6 +9,8 @@ readahead evicts pages a query still needs.
 
 from __future__ import annotations
 
+import itertools
+import json
 import struct
 import threading
 from collections.abc import Callable, Sequence
@@ -18,7 +20,12 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from nestvec.memory import mapped_file
+from nestvec.types import JSONDict
+
 INITIAL_MAP_SIZE = 64 << 20
+PAGE_BYTES = 4096
+BULK_READ = 2048  # keys read by key between checks on the pages mapped
 _ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
 IndexWrite = Callable[[lmdb.Transaction], None]
 _ENVS_LOCK = threading.Lock()
@@ -70,6 +77,7 @@ class LmdbStore:
         self._meta = self.env.open_db(b"meta")
         self._vids = self.env.open_db(b"vids")
         self._write_lock = threading.Lock()
+        self.pages = mapped_file(path / "data.mdb")  # what bulk writes leave mapped is released as they go
 
     def close(self) -> None:
         _release_env(self.path)
@@ -109,6 +117,7 @@ class LmdbStore:
                 index(txn)
 
         self._transact(body)
+        self.pages.charge(sum(len(p.document) + 2 * len(p.code) for p in puts))
 
     def transact(self, body: IndexWrite, meta: dict[bytes, bytes] | None = None) -> None:
         """One write transaction for the index and meta alone (a flush of its write buffer, a rebuild)."""
@@ -174,39 +183,56 @@ class LmdbStore:
 
         self._transact(body)
 
-    def load(self, code_size: int) -> tuple[list[bytes], list[bytes], np.ndarray]:
-        """All (keys, documents, codes) in key order, for rebuilding the in-RAM index on open."""
-        keys, documents, codes = self._side_by_side(self._codes, "codes")
-        return keys, documents, np.frombuffer(b"".join(codes), dtype=np.uint8).reshape(len(keys), code_size).copy()
+    def load(self, code_size: int) -> tuple[list[bytes], list[JSONDict], np.ndarray]:
+        """All (keys, metadata, codes) in key order, for rebuilding the in-RAM index on open."""
+        keys, metadata, codes = self._side_by_side(self._codes, "codes")
+        return keys, metadata, np.frombuffer(b"".join(codes), dtype=np.uint8).reshape(len(keys), code_size).copy()
 
-    def load_keyed(self) -> tuple[list[bytes], list[bytes], np.ndarray]:
-        """(keys, documents, vids) without the codes: what an index kept on disk needs on open."""
-        keys, documents, vids = self._side_by_side(self._vids, "index ids")
-        return keys, documents, np.frombuffer(b"".join(vids), dtype=">i8").astype(np.int64)
+    def load_keyed(self) -> tuple[list[bytes], list[JSONDict], np.ndarray]:
+        """(keys, metadata, vids) without the codes: what an index kept on disk needs on open."""
+        keys, metadata, vids = self._side_by_side(self._vids, "index ids")
+        return keys, metadata, np.frombuffer(b"".join(vids), dtype=">i8").astype(np.int64)
 
-    def _side_by_side(self, db: lmdb._Database, what: str) -> tuple[list[bytes], list[bytes], list[bytes]]:
-        """(keys, documents, values of `db`), checking both hold the same keys."""
-        with self.env.begin() as txn:
-            doc_items = list(txn.cursor(db=self._docs).iternext(keys=True, values=True))
-            items = list(txn.cursor(db=db).iternext(keys=True, values=True))
-        keys = [k for k, _ in doc_items]
-        if [k for k, _ in items] != keys:
-            raise RuntimeError(f"{self.path}: documents and {what} disagree; the store is damaged")
-        return keys, [v for _, v in doc_items], [v for _, v in items]
+    def _side_by_side(self, db: lmdb._Database, what: str) -> tuple[list[bytes], list[JSONDict], list[bytes]]:
+        """(keys, metadata of the documents, values of `db`), checking both hold the same keys.
 
-    def get_codes(self, keys: Sequence[bytes], code_size: int) -> np.ndarray:
-        return self._fixed_size(self._codes, keys, code_size, "codes")
+        One document at a time: holding them all (texts included) made opening a 150k collection
+        take 200 MB more than it keeps; the pages read are released as the scan goes."""
+        keys: list[bytes] = []
+        metadata: list[JSONDict] = []
+        values: list[bytes] = []
+        with self.env.begin(buffers=True) as txn:
+            docs, other = txn.cursor(db=self._docs), txn.cursor(db=db)
+            for (key, doc), (other_key, value) in itertools.zip_longest(docs, other, fillvalue=(None, None)):
+                if key is None or other_key is None or doc is None or value is None or bytes(key) != bytes(other_key):
+                    raise RuntimeError(f"{self.path}: documents and {what} disagree; the store is damaged")
+                keys.append(bytes(key))
+                metadata.append(json.loads(bytes(doc)).get("metadata", {}))
+                values.append(bytes(value))
+                self.pages.charge(len(doc) + len(value))
+        return keys, metadata, values
+
+    def get_codes(self, keys: Sequence[bytes], code_size: int, bulk: bool = True) -> np.ndarray:
+        return self._fixed_size(self._codes, keys, code_size, "codes", bulk)
 
     def get_documents(self, keys: Sequence[bytes]) -> list[bytes | None]:
         with self.env.begin() as txn:
             return [txn.get(k, db=self._docs) for k in keys]
 
     def get_rescore_codes(self, keys: Sequence[bytes], code_size: int) -> np.ndarray:
-        return self._fixed_size(self._rescore, keys, code_size, "rescoring codes")
+        return self._fixed_size(self._rescore, keys, code_size, "rescoring codes", bulk=False)
 
-    def _fixed_size(self, db: lmdb._Database, keys: Sequence[bytes], code_size: int, what: str) -> np.ndarray:
+    def _fixed_size(self, db: lmdb._Database, keys: Sequence[bytes], code_size: int, what: str,
+                    bulk: bool) -> np.ndarray:
+        """Values of `keys`; `bulk` reads (builds, exports) release the pages they map as they go,
+        searches keep theirs."""
+        blobs: list[bytes] = []
         with self.env.begin(buffers=True) as txn:
-            blobs = [bytes(txn.get(k, db=db) or b"") for k in keys]
+            for lo in range(0, len(keys), BULK_READ):
+                part = keys[lo:lo + BULK_READ]
+                blobs.extend(bytes(txn.get(k, db=db) or b"") for k in part)
+                if bulk:  # a rebuild reads every code, each key on a leaf page of its own
+                    self.pages.charge(len(part) * PAGE_BYTES)
         if any(len(b) != code_size for b in blobs):
             raise RuntimeError(f"{self.path}: missing {what}")
         return np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(keys), code_size)
