@@ -1,18 +1,21 @@
-"""`nestvec` command line: ingest, search, eval, info, list, drop, serve."""
+"""`nestvec` command line: ingest, search, eval, plan, info, list, drop, serve."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from nestvec.client.local import DEFAULT_CODEC, LocalClient
 from nestvec.errors import NestvecError, NotFoundError, invalid
+from nestvec.fsutil import write_json
 
 
 def _client(args: argparse.Namespace) -> LocalClient:
@@ -95,6 +98,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_size(text: str) -> int:
+    """'2GB', '512 MiB', '1e9' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if match is None or match.group(2).lower() not in units:
+        raise invalid("budget", f"{text!r} is not a size such as 2GB or 512MiB")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from nestvec.compression.planner import Labels, candidate_specs, plan, plot
+
+    collection = _client(args).get_collection(args.collection)
+    count = collection.count()
+    if count < 1:
+        raise invalid("collection", f"{args.collection!r} is empty: nothing to plan for")
+    per_vector = args.bytes_per_vector if args.bytes_per_vector is not None else parse_size(args.budget) / count
+    labels, include = None, []
+    if bool(args.queries) != bool(args.qrels):
+        raise invalid("qrels", "pass --queries and --qrels together (or neither, for the label-free proxy)")
+    if args.qrels:
+        from nestvec.datasets import load_qrels, load_queries
+
+        qrels, queries = load_qrels(args.qrels), load_queries(args.queries)
+        qids = [q for q in qrels if q in queries]
+        if not qids:
+            raise invalid("qrels", f"none of the judged queries is in {args.queries}")
+        include = sorted({d for q in qids for d in qrels[q]})
+    ids, vectors, source = collection.plan_sample(args.sample, include, progress=not args.no_progress)
+    print(f"planning on {len(ids)} of {count} documents ({source})", file=sys.stderr)
+    if args.qrels:
+        row = {d: i for i, d in enumerate(ids)}
+        labels = Labels(collection.encoder.encode([queries[q] for q in qids], kind="query"),
+                        [{row[d]: g for d, g in qrels[q].items() if d in row and g > 0} for q in qids])
+    result = plan(vectors, per_vector, collection_size=count, labels=labels,
+                  specs=candidate_specs(vectors.shape[1], args.matryoshka), progress=not args.no_progress)
+    print(result.table())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"plan-{args.collection}"
+    write_json(stem.with_suffix(".json"), {"collection": args.collection, "documents": count,
+                                          "sample": len(ids), "vectors": source, **result.to_json()})
+    plot(result, stem.with_suffix(".png"), f"{args.collection}: quality vs bytes ({len(ids)} documents)")
+    pick = result.recommended
+    print(f"\nbudget {per_vector:.1f} bytes per vector: "
+          + (f"use {pick.spec!r} ({pick.metric} {pick.quality:.4f}, {pick.stored_bytes_per_vector} B/vector)"
+             if pick else "no candidate fits; raise the budget")
+          + f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    return 0 if pick else 1
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     print(json.dumps(_client(args).get_collection(args.collection).info(), indent=2))
     return 0
@@ -113,7 +168,6 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
-    from pathlib import Path
 
     from nestvec.service.server import serve
 
@@ -170,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", required=True)
     p.add_argument("--qrels", required=True)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plan", help="measure candidate codecs on a sample and pick the best within a byte budget")
+    p.add_argument("collection")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bytes-per-vector", type=float, default=None)
+    budget.add_argument("--budget", default=None, help="for the whole collection, e.g. 2GB or 512MiB")
+    p.add_argument("--queries", default=None, help="BEIR queries.jsonl: judge codecs by nDCG@10 (with --qrels)")
+    p.add_argument("--qrels", default=None)
+    p.add_argument("--sample", type=int, default=2000, help="documents measured (judged ones always included)")
+    p.add_argument("--matryoshka", action="store_true", help="the encoder was trained as Matryoshka: try prefixes")
+    p.add_argument("--out", default=".", help="folder for plan-<collection>.json and .png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     for name, func, text in (("info", cmd_info, "show a collection's settings and size"),
                              ("drop", cmd_drop, "delete a collection")):

@@ -681,6 +681,33 @@ class Collection:
         self._check_open()
         return {key[len(JOB_PREFIX):].decode(): json.loads(value) for key, value in self.store.meta_items(JOB_PREFIX)}
 
+    def plan_sample(self, size: int, include: Sequence[str] = (), seed: int = 0,
+                    progress: bool = True) -> tuple[list[str], np.ndarray, str]:
+        """(ids, float32 vectors, where they came from) of `size` documents (those in `include`
+        first, then random others) for the compression planner. The most faithful vectors there
+        are: the kept rescoring codes when they are float, else the texts encoded again, else (a
+        collection of raw vectors) the codes decoded, which measures codecs relative to the current one."""
+        self._check_open()
+        if size < 1:
+            raise invalid("sample", f"must be >= 1, got {size}")
+        with self._lock.read():
+            live = [key for key in self._ids if key in self._row_of]
+        chosen = list(dict.fromkeys(k for k in include if k in self._row_of))
+        rest = np.setdiff1d(np.array(live, dtype=object), np.array(chosen, dtype=object))
+        take = max(0, min(size - len(chosen), len(rest)))
+        ids = chosen + sorted(np.random.default_rng(seed).choice(rest, take, replace=False).tolist())
+        refiner = self.codec.rescore
+        if refiner is not None and refiner.spec in ("fp32", "fp16") and not self._staged:
+            codes = self.store.get_rescore_codes([k.encode() for k in ids], refiner.bytes_per_vector)
+            return ids, refiner.reconstruct(codes), f"kept {refiner.spec} rescoring vectors"
+        if self.config.encoder is not None:
+            records = self.get(ids)
+            texts = [r.text or "" if r is not None else "" for r in records]
+            vectors = self.encoder.encode(texts, kind="document", show_progress=progress)
+            return ids, vectors, f"texts encoded again with {self.config.encoder.model}"
+        codes = self.store.get_codes([k.encode() for k in ids], self.scan_codec.bytes_per_vector, bulk=False)
+        return ids, self.scan_codec.reconstruct(codes), f"decoded {self.scan_codec.spec} codes (no float copy kept)"
+
     def info(self) -> JSONDict:
         self._check_open()
         enc = self.config.encoder

@@ -63,3 +63,30 @@ def test_labelled_quality_is_ndcg_of_the_judged_rows(cranfield: np.ndarray) -> N
 def test_bad_input_names_the_field(cranfield: np.ndarray, args: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidArgumentError, match=field):
         plan(**{"vectors": cranfield, "progress": False, **args})  # type: ignore[arg-type]
+
+
+def test_cli_plan_recommends_within_a_collection_budget(cranfield: np.ndarray, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import nestvec
+    from nestvec.cli import main
+
+    col = nestvec.connect(tmp_path / "data").create_collection("cran", encoder=None, dim=384, codec="int8")
+    col.upsert([f"d{i}" for i in range(len(cranfield))], vectors=cranfield)
+    nestvec.connect(tmp_path / "data").close()
+    out = tmp_path / "plans"
+    # 1,200 vectors x 100 B each: 120 KB, so the pick holds at most 100 bytes per vector
+    assert main(["--data", str(tmp_path / "data"), "plan", "cran", "--budget", "120KB", "--sample", "800",
+                 "--out", str(out), "--no-progress"]) == 0
+    report = json.loads((out / "plan-cran.json").read_text())
+    assert report["sample"] == 800 and report["vectors"].startswith("decoded int8")
+    assert report["budget_bytes_per_vector"] == pytest.approx(100)
+    chosen = next(r for r in report["rows"] if r["spec"] == report["recommended"])
+    assert chosen["stored_bytes_per_vector"] <= 100 and chosen["quality"] == max(
+        r["quality"] for r in report["rows"] if r["fits"])
+    assert (out / "plan-cran.png").exists() and "recommended" in capsys.readouterr().out
+    assert main(["--data", str(tmp_path / "data"), "plan", "cran", "--budget", "lots"]) != 0
+    assert main(["--data", str(tmp_path / "data"), "plan", "cran", "--bytes-per-vector", "96",
+                 "--queries", "q.jsonl"]) != 0
+    assert "qrels" in capsys.readouterr().err

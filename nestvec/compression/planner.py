@@ -173,8 +173,9 @@ def plan(vectors: np.ndarray, budget_bytes_per_vector: float, *, collection_size
         def judge(found: np.ndarray) -> float:
             return float(np.mean([len(set(a) & set(b)) / K for a, b in
                                   zip(found[:, :K].tolist(), truth.tolist(), strict=True)]))
-    fit_rows = np.sort(rng.choice(len(base), min(FIT_SAMPLE, len(base)), replace=False))
-    fit_sample = base[fit_rows]
+    # Fitted on the whole sample, held-out queries included: fitting needs no labels, and a small
+    # sample keeps enough vectors to fit every codec.
+    fit_sample = vectors[np.sort(rng.choice(len(vectors), min(FIT_SAMPLE, len(vectors)), replace=False))]
     n = collection_size if collection_size is not None else len(vectors)
     rows = []
     for spec in tqdm(list(specs or candidate_specs(vectors.shape[1], matryoshka)), desc="plan", unit="codec",
@@ -198,7 +199,8 @@ def plot(result: Plan, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted(result.rows, key=lambda r: (r.stored_bytes_per_vector, -r.quality))
-    frontier, best = [], -np.inf
+    frontier: list[PlanRow] = []
+    best = -np.inf
     for r in rows:  # the best of each size, if it beats every smaller codec
         if r.quality > best and (not frontier or frontier[-1].stored_bytes_per_vector != r.stored_bytes_per_vector):
             frontier.append(r)
