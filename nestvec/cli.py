@@ -147,7 +147,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
           + (f"use {pick.spec!r} ({pick.metric} {pick.quality:.4f}, {pick.stored_bytes_per_vector} B/vector)"
              if pick else "no candidate fits; raise the budget")
           + f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
-    return 0 if pick else 1
+    if pick is None:
+        return 1
+    if args.apply and pick.spec != collection.codec.spec:
+        print(f"re-encoding {count} vectors with {pick.spec} ...", file=sys.stderr)
+        print(json.dumps(collection.recode(pick.spec, progress=not args.no_progress)))
+    return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -235,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=2000, help="documents measured (judged ones always included)")
     p.add_argument("--matryoshka", action="store_true", help="the encoder was trained as Matryoshka: try prefixes")
     p.add_argument("--out", default=".", help="folder for plan-<collection>.json and .png")
+    p.add_argument("--apply", action="store_true",
+                   help="re-encode the collection with the recommended codec (atomic; searches go on)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_plan)
 

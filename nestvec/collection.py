@@ -9,9 +9,13 @@ changes only after a write transaction has committed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import secrets
+import shutil
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,10 @@ PURGE_FRACTION = 0.1       # rewrite lists holding tombstones once deletes reach
 # of just those codes; a looser one probes proportionally more lists.
 FILTER_SCAN_MAX, FILTER_SCAN_SHARE, MAX_FILTER_WIDEN = 8192, 0.05, 4
 INDEX_KIND, NEXT_VID, FLUSHED_UPTO, BUILT_COUNT = b"index_kind", b"next_vid", b"flushed_upto", b"built_count"
+# A codec switch writes its codec and posting lists beside the live ones under a new generation
+# token; one transaction makes them live. "" is a collection's first generation.
+GENERATION, RECODE_PENDING, RECODE_RETIRED = b"generation", b"recode_pending", b"recode_retired"
+RECODE_FIT_SAMPLE = 4096
 JOB_PREFIX = b"job/"       # meta keys of bulk jobs' checkpoints
 MAX_JOB_NAME, MAX_CHECKPOINT_BYTES = 200, 64 << 10
 
@@ -142,6 +150,14 @@ def _check_vectors(vectors: Any, dim: int, field: str) -> np.ndarray:
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
+def _codec_dir(generation: str) -> str:
+    return f"{CODEC_DIR}.{generation}" if generation else CODEC_DIR
+
+
+def _postings_name(generation: str) -> bytes:
+    return f"postings.{generation}".encode() if generation else b"postings"
+
+
 def _pack(value: int) -> bytes:
     return struct.pack(">q", value)
 
@@ -166,15 +182,20 @@ class Collection:
     def __init__(self, folder: Path, *, encoder: Encoder | None = None) -> None:
         self.folder = folder
         self.config = CollectionConfig.from_json(read_json(folder / CONFIG_FILE))
-        self.codec = Codec.load(folder / CODEC_DIR)
+        self.store = LmdbStore(folder / STORE_DIR)
+        self._finish_recode()
+        self._generation = (self.store.get_meta(GENERATION) or b"").decode()
+        self.codec = Codec.load(folder / _codec_dir(self._generation))
+        if self.config.codec != self.codec.spec:  # a crash came right after a codec switch committed
+            self._save_config(codec=self.codec.spec)
         self._encoder: Encoder | None = None
         if encoder is not None:
             self._attach_encoder(encoder)
         self._lock = ReadWriteLock()
         self._closed: str | None = None
         self._staging_codec = make_codec("fp32", self.config.dim)
-        self.store = LmdbStore(folder / STORE_DIR)
-        self.postings = PostingStore(self.store.env)  # opened up front: not possible inside a write
+        # opened up front: not possible inside a write
+        self.postings = PostingStore(self.store.env, _postings_name(self._generation))
         codes_format = self.store.get_meta(CODES_FORMAT)
         if codes_format is None:
             codes_format = ENCODED if self.codec.fitted else STAGED
@@ -508,7 +529,7 @@ class Collection:
         if self._staged:
             self._encode_staged()
         else:
-            self.codec.save(self.folder / CODEC_DIR)
+            self.codec.save(self.folder / _codec_dir(self._generation))
 
     def _encode_staged(self) -> None:
         """Re-encode the staged float32 vectors with the fitted codec.
@@ -520,7 +541,7 @@ class Collection:
         vectors = self._staging_codec.decode(self.index.codes())
         codes = self.codec.encode(vectors)
         rescore = self.codec.rescore.encode(vectors) if self.codec.rescore else None
-        self.codec.save(self.folder / CODEC_DIR)
+        self.codec.save(self.folder / _codec_dir(self._generation))
         self.store.rewrite_codes([k.encode() for k in self._ids], codes, rescore, {CODES_FORMAT: ENCODED})
         self._staged = False
         self.index = FlatIndex(self.codec)
@@ -681,6 +702,101 @@ class Collection:
         self._check_open()
         return {key[len(JOB_PREFIX):].decode(): json.loads(value) for key, value in self.store.meta_items(JOB_PREFIX)}
 
+    def recode(self, spec: str, *, progress: bool = True) -> JSONDict:
+        """Re-encode every stored code with a new codec (`nestvec plan --apply`).
+
+        The new codec is fitted on the collection's float vectors (kept float rescoring codes,
+        else the texts encoded again, else the current codes decoded) and its codes and posting
+        lists are written beside the live ones; one transaction then switches codes, codec and
+        lists together. Searches run on the old codec until that transaction and the in-RAM swap,
+        which hold them back briefly; other writers wait for the whole switch. A crash leaves the
+        old codec or the new one, never a mix: the next open removes the other's files."""
+        self._check_open()
+        new_codec = make_codec(spec, self.config.dim)  # a bad spec fails here, before anything
+        started = time.perf_counter()
+        with self._lock.exclusive():
+            with self._lock.readers_out():  # the change starts from posting lists with no write buffer
+                if self.spann is not None and self.spann.buffer.rows:
+                    self._flush()
+                if self.spann is None:
+                    self._compact_rows()
+            vids = (np.array(sorted(self._row_of.values()), dtype=np.int64) if self.spann is not None
+                    else np.arange(len(self._ids), dtype=np.int64))
+            if len(vids) < new_codec.min_fit_size or len(vids) < 2:
+                raise FailedPreconditionError(f"collection {self.name!r} holds {len(vids)} vectors; {new_codec.spec} "
+                                              f"needs at least {max(new_codec.min_fit_size, 2)} to fit")
+            ids = [self._ids[v] for v in vids.tolist()]
+            vectors, source = self._float_vectors(ids, progress)
+            old, token = self._generation, "g" + secrets.token_hex(4)
+            self.store.write([], meta={RECODE_PENDING: token.encode()})
+            try:
+                fit_rows = np.sort(np.random.default_rng(0).choice(len(vectors), min(RECODE_FIT_SAMPLE, len(vectors)),
+                                                                   replace=False))
+                new_codec.fit(vectors[fit_rows])
+                new_codec.save(self.folder / _codec_dir(token))
+                codes = new_codec.encode(vectors)
+                rescore = new_codec.rescore.encode(vectors) if new_codec.rescore is not None else None
+                postings = PostingStore(self.store.env, _postings_name(token))
+                built = None
+                if self.spann is not None:
+                    built = SpannIndex.build_from(vids, lambda rows: vectors[rows], lambda rows: codes[rows],
+                                                  new_codec, postings, self.spann.spann.config)
+            except BaseException:
+                self._remove_generation(token)
+                self.store.delete_meta([RECODE_PENDING])
+                raise
+            next_vid = len(self._ids)
+            meta = {GENERATION: token.encode(), RECODE_RETIRED: old.encode(), CODES_FORMAT: ENCODED}
+            if built is not None:
+                meta |= {NEXT_VID: _pack(next_vid), FLUSHED_UPTO: _pack(next_vid), BUILT_COUNT: _pack(len(vids))}
+            with self._lock.readers_out():
+                self.store.rewrite_codes([k.encode() for k in ids], codes, rescore, meta, drop_meta=[RECODE_PENDING])
+                self.codec, self._generation, self.postings, self._staged = new_codec, token, postings, False
+                self.index = FlatIndex(new_codec)
+                if built is not None:
+                    self.spann = BufferedSpann(built, new_codec, next_vid)
+                else:
+                    self.index.append(codes)
+                self._deleted_since_purge = 0
+                self._save_config(codec=new_codec.spec)
+            self._finish_recode()  # the old generation's codec folder and posting lists
+            trim_heap()
+        return {"collection": self.name, "codec": new_codec.spec, "vectors": len(ids), "from": source,
+                "seconds": round(time.perf_counter() - started, 2),
+                "bytes_per_vector": new_codec.bytes_per_vector}
+
+    def _finish_recode(self) -> None:
+        """Remove what a codec switch left behind: the new generation's files when it did not
+        commit (RECODE_PENDING), the old one's when it did (RECODE_RETIRED)."""
+        for key in (RECODE_PENDING, RECODE_RETIRED):
+            token = self.store.get_meta(key)
+            if token is not None:
+                self._remove_generation(token.decode())
+                self.store.delete_meta([key])
+
+    def _remove_generation(self, token: str) -> None:
+        shutil.rmtree(self.folder / _codec_dir(token), ignore_errors=True)
+        PostingStore(self.store.env, _postings_name(token)).drop()
+
+    def _save_config(self, **changes: Any) -> None:
+        self.config = dataclasses.replace(self.config, **changes)
+        write_json(self.folder / CONFIG_FILE, self.config.to_json())
+
+    def _float_vectors(self, ids: Sequence[str], progress: bool) -> tuple[np.ndarray, str]:
+        """The most faithful float vectors of `ids` there are, and where they came from."""
+        refiner = self.codec.rescore
+        if refiner is not None and refiner.spec in ("fp32", "fp16") and not self._staged:
+            codes = self.store.get_rescore_codes([k.encode() for k in ids], refiner.bytes_per_vector)
+            return refiner.reconstruct(codes), f"kept {refiner.spec} rescoring vectors"
+        if self.config.encoder is not None and not self._staged:
+            texts = [r.text or "" if r is not None else "" for r in self.get(ids)]
+            vectors = self.encoder.encode(texts, kind="document", show_progress=progress)
+            return vectors, f"texts encoded again with {self.config.encoder.model}"
+        codes = self.store.get_codes([k.encode() for k in ids], self.scan_codec.bytes_per_vector)
+        exact = self._staged or self.scan_codec.spec == "fp32"
+        return self.scan_codec.reconstruct(codes), ("stored fp32 vectors" if exact else
+                                                    f"decoded {self.scan_codec.spec} codes (no float copy kept)")
+
     def plan_sample(self, size: int, include: Sequence[str] = (), seed: int = 0,
                     progress: bool = True) -> tuple[list[str], np.ndarray, str]:
         """(ids, float32 vectors, where they came from) of `size` documents (those in `include`
@@ -696,17 +812,8 @@ class Collection:
         rest = np.setdiff1d(np.array(live, dtype=object), np.array(chosen, dtype=object))
         take = max(0, min(size - len(chosen), len(rest)))
         ids = chosen + sorted(np.random.default_rng(seed).choice(rest, take, replace=False).tolist())
-        refiner = self.codec.rescore
-        if refiner is not None and refiner.spec in ("fp32", "fp16") and not self._staged:
-            codes = self.store.get_rescore_codes([k.encode() for k in ids], refiner.bytes_per_vector)
-            return ids, refiner.reconstruct(codes), f"kept {refiner.spec} rescoring vectors"
-        if self.config.encoder is not None:
-            records = self.get(ids)
-            texts = [r.text or "" if r is not None else "" for r in records]
-            vectors = self.encoder.encode(texts, kind="document", show_progress=progress)
-            return ids, vectors, f"texts encoded again with {self.config.encoder.model}"
-        codes = self.store.get_codes([k.encode() for k in ids], self.scan_codec.bytes_per_vector, bulk=False)
-        return ids, self.scan_codec.reconstruct(codes), f"decoded {self.scan_codec.spec} codes (no float copy kept)"
+        vectors, source = self._float_vectors(ids, progress)
+        return ids, vectors, source
 
     def info(self) -> JSONDict:
         self._check_open()

@@ -15,6 +15,7 @@ class ReadWriteLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._exclusive = threading.Lock()
 
     @contextmanager
     def read(self) -> Iterator[None]:
@@ -32,6 +33,19 @@ class ReadWriteLock:
 
     @contextmanager
     def write(self) -> Iterator[None]:
+        with self.exclusive(), self.readers_out():
+            yield
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Other writers wait; readers go on. For long writes that prepare their change without
+        touching what readers see, then swap it in under `readers_out()`."""
+        with self._exclusive:
+            yield
+
+    @contextmanager
+    def readers_out(self) -> Iterator[None]:
+        """Wait for running readers and hold new ones back (call inside `exclusive()`)."""
         with self._cond:
             self._writers_waiting += 1
             while self._writer or self._readers:

@@ -86,6 +86,13 @@ def test_cli_plan_recommends_within_a_collection_budget(cranfield: np.ndarray, t
     assert chosen["stored_bytes_per_vector"] <= 100 and chosen["quality"] == max(
         r["quality"] for r in report["rows"] if r["fits"])
     assert (out / "plan-cran.png").exists() and "recommended" in capsys.readouterr().out
+    assert main(["--data", str(tmp_path / "data"), "plan", "cran", "--budget", "120KB", "--sample", "800",
+                 "--out", str(out), "--no-progress", "--apply"]) == 0
+    applied = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert applied["codec"] == report["recommended"] and applied["vectors"] == len(cranfield)
+    reopened = nestvec.connect(tmp_path / "data").get_collection("cran")
+    assert reopened.info()["codec"] == report["recommended"] and reopened.count() == len(cranfield)
+    nestvec.connect(tmp_path / "data").close()
     assert main(["--data", str(tmp_path / "data"), "plan", "cran", "--budget", "lots"]) != 0
     assert main(["--data", str(tmp_path / "data"), "plan", "cran", "--bytes-per-vector", "96",
                  "--queries", "q.jsonl"]) != 0

@@ -95,6 +95,12 @@ class PostingStore:
             raise RuntimeError("the index has no centroid rotation; it was never built")
         return np.frombuffer(raw, dtype="<f4").reshape(dim, dim).astype(np.float32)
 
+    def drop(self) -> None:
+        """Delete this store's databases (an index replaced by a codec switch)."""
+        with self.env.begin(write=True) as txn:
+            for db in (self.db, self.centroid_db, self.tombstone_db, self.meta_db):
+                txn.drop(db, delete=True)
+
     def clear(self, txn: lmdb.Transaction) -> None:
         """Empty lists, centroids and tombstones (before a rebuild in the same transaction)."""
         for db in (self.db, self.centroid_db, self.tombstone_db):

@@ -142,6 +142,13 @@ class LmdbStore:
         for key, value in (meta or {}).items():
             txn.put(key, value, db=self._meta)
 
+    def delete_meta(self, keys: Sequence[bytes]) -> None:
+        def body(txn: lmdb.Transaction) -> None:
+            for key in keys:
+                txn.delete(key, db=self._meta)
+
+        self._transact(body)
+
     def get_meta(self, key: bytes) -> bytes | None:
         with self.env.begin() as txn:
             return txn.get(key, db=self._meta)
@@ -159,15 +166,20 @@ class LmdbStore:
             return found
 
     def rewrite_codes(self, keys: Sequence[bytes], codes: np.ndarray, rescore: np.ndarray | None,
-                      meta: dict[bytes, bytes]) -> None:
-        """Replace the codes of `keys` and set `meta` in one transaction (a codec switch)."""
+                      meta: dict[bytes, bytes], drop_meta: Sequence[bytes] = ()) -> None:
+        """Replace the codes of `keys` (and their rescoring codes: removed when `rescore` is None)
+        and set `meta` in one transaction (a codec switch)."""
 
         def body(txn: lmdb.Transaction) -> None:
             for i, key in enumerate(keys):
                 txn.put(key, codes[i].tobytes(), db=self._codes)
                 if rescore is not None:
                     txn.put(key, rescore[i].tobytes(), db=self._rescore)
+                else:
+                    txn.delete(key, db=self._rescore)
             self._put_meta(txn, meta)
+            for key in drop_meta:
+                txn.delete(key, db=self._meta)
 
         self._transact(body)
 
