@@ -108,6 +108,9 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * units[match.group(2).lower()])
 
 
+PROXY_SAMPLE, LABELLED_SAMPLE = 2000, 20_000
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from nestvec.compression.planner import Labels, candidate_specs, plan, plot
 
@@ -127,7 +130,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if not qids:
             raise invalid("qrels", f"none of the judged queries is in {args.queries}")
         include = sorted({d for q in qids for d in qrels[q]})
-    ids, vectors, source = collection.plan_sample(args.sample, include, progress=not args.no_progress)
+    size = args.sample or (LABELLED_SAMPLE if args.qrels else PROXY_SAMPLE)
+    ids, vectors, source = collection.plan_sample(size, include, progress=not args.no_progress)
     print(f"planning on {len(ids)} of {count} documents ({source})", file=sys.stderr)
     if args.qrels:
         row = {d: i for i, d in enumerate(ids)}
@@ -237,7 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget", default=None, help="for the whole collection, e.g. 2GB or 512MiB")
     p.add_argument("--queries", default=None, help="BEIR queries.jsonl: judge codecs by nDCG@10 (with --qrels)")
     p.add_argument("--qrels", default=None)
-    p.add_argument("--sample", type=int, default=2000, help="documents measured (judged ones always included)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="documents measured: default 2,000, or 20,000 with --qrels (judged ones always included; "
+                        "nDCG over a small slice of the corpus flatters every codec)")
     p.add_argument("--matryoshka", action="store_true", help="the encoder was trained as Matryoshka: try prefixes")
     p.add_argument("--out", default=".", help="folder for plan-<collection>.json and .png")
     p.add_argument("--apply", action="store_true",
