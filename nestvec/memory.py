@@ -11,28 +11,41 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 from pathlib import Path
 from typing import Any
 
 _libc: Any = None
 try:
     _name = ctypes.util.find_library("c")
-    _libc = ctypes.CDLL(_name) if _name else None
-    if _libc is not None and not hasattr(_libc, "malloc_trim"):  # musl, macOS: nothing to do
-        _libc = None
+    _libc = ctypes.CDLL(_name, use_errno=True) if _name else None
 except OSError:
     _libc = None
+_malloc_trim: Any = getattr(_libc, "malloc_trim", None)  # glibc only (not musl, not macOS)
+_madvise: Any = getattr(_libc, "madvise", None)
+if _madvise is not None:
+    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+MADV_WILLNEED = 3
+# MADV_DONTNEED on a shared file mapping only unmaps pages from this process: the data stays in
+# the page cache (dirty pages included, written back as usual) and the next touch maps it again.
+MADV_DONTNEED = 4
+CAN_MADVISE = _madvise is not None
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2) on [address, address + length), widened to whole pages; a no-op without libc."""
+    if _madvise is not None and length > 0:
+        start = address - address % mmap.PAGESIZE
+        _madvise(start, address + length - start, advice)
 
 
 def trim_heap() -> None:
     """Return free heap pages to the OS (glibc); a no-op elsewhere. Costs about a millisecond."""
-    if _libc is not None:
-        _libc.malloc_trim(0)
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
-# MADV_DONTNEED on a shared file mapping only unmaps pages from this process: the data stays in
-# the page cache (dirty pages included, written back as usual) and the next touch maps it again.
-_MADV_DONTNEED = 4
 RELEASE_STEP = 16 << 20
 
 
@@ -59,7 +72,7 @@ class MappedFile:
             self.release()
 
     def release(self) -> None:
-        if _libc is None:
+        if not CAN_MADVISE:
             return
         try:
             with open("/proc/self/maps", encoding="utf-8", errors="replace") as fh:
@@ -68,7 +81,7 @@ class MappedFile:
             return
         for span in spans:
             low, high = (int(part, 16) for part in span.split("-"))
-            _libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), _MADV_DONTNEED)
+            madvise(low, high - low, MADV_DONTNEED)
         self.releases += 1
 
 

@@ -5,8 +5,6 @@ A list costs one read, zero-copy through LMDB's memory map (read inside the tran
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,22 +13,9 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from nestvec.memory import mapped_file
+from nestvec.memory import CAN_MADVISE, MADV_WILLNEED, madvise, mapped_file
 
 _HEADER = struct.Struct("<I")
-_PAGE = mmap.PAGESIZE
-_MADV_WILLNEED = 3
-_madvise: Any = None
-try:
-    _madvise = ctypes.CDLL(None, use_errno=True).madvise
-    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-except (OSError, AttributeError):  # not Linux / no libc symbol: reads still work, one fault at a time
-    _madvise = None
-
-
-def _willneed(address: int, length: int) -> None:
-    start = address - address % _PAGE
-    _madvise(start, address + length - start, _MADV_WILLNEED)
 
 
 def list_key(list_id: int) -> bytes:
@@ -129,26 +114,26 @@ class PostingStore:
     def read(self, txn: lmdb.Transaction, list_ids: Iterable[int],
              code_size: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
         list_ids = [int(list_id) for list_id in list_ids]
-        if _madvise is not None:
+        if CAN_MADVISE:
             # Every time, though the pages are mostly cached: skipping lists hinted in the last
             # second saved 0.1 ms a query warm but tripled the latency under a memory cap, where
             # pages are evicted within that second and then fault in one by one.
             for list_id in list_ids:
                 hint = self._where.get(list_id)
                 if hint is not None:
-                    _willneed(*hint)
+                    madvise(*hint, MADV_WILLNEED)
         found = []
         for list_id in list_ids:
             blob = txn.get(list_key(list_id), db=self.db)
             if blob is None:
                 continue
             raw = np.frombuffer(blob, dtype=np.uint8)
-            if _madvise is not None and isinstance(blob, memoryview) and len(raw):  # a map address
+            if CAN_MADVISE and isinstance(blob, memoryview) and len(raw):  # a map address
                 # Hint every list's pages before any is touched (one read per list, issued
                 # together); skip lists hinted above at the same place.
                 address, hint = raw.__array_interface__["data"][0], self._where.get(list_id)
                 if hint is None or hint[0] != address or hint[1] != len(raw):
-                    _willneed(address, len(raw))
+                    madvise(address, len(raw), MADV_WILLNEED)
                     self._where[list_id] = (address, len(raw))
             found.append((list_id, raw))
         return [(list_id, *unpack_list(raw, code_size)) for list_id, raw in found]
