@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", default="scifact,cranfield")
     parser.add_argument("--budgets", default="192,96", help="bytes per vector")
-    parser.add_argument("--sample", type=int, default=2000,
-                        help="documents the labelled planner sees here (the CLI's default with qrels is 20,000)")
+    parser.add_argument("--sample", type=int, default=20_000,
+                        help="documents the labelled planner measures (the CLI's default with --qrels)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
