@@ -31,6 +31,7 @@ from nestvec.fsutil import read_json, write_json
 from nestvec.index.buffered import BufferedSpann
 from nestvec.index.filters import MetadataTable
 from nestvec.index.flat import FlatIndex
+from nestvec.index.lexical import open_lexical, release_lexical
 from nestvec.index.postings import PostingStore
 from nestvec.index.spann import SpannConfig, SpannIndex
 from nestvec.index.store import LmdbStore, Put
@@ -66,6 +67,15 @@ INDEX_KIND, NEXT_VID, FLUSHED_UPTO, BUILT_COUNT = b"index_kind", b"next_vid", b"
 # A codec switch writes its codec and posting lists beside the live ones under a new generation
 # token; one transaction makes them live. "" is a collection's first generation.
 GENERATION, RECODE_PENDING, RECODE_RETIRED = b"generation", b"recode_pending", b"recode_retired"
+# Every write batch gets the next LEXICAL_SEQ and logs the ids it changed under LEXICAL_LOG<seq>,
+# in its LMDB transaction; the lexical index applies the batch after that commit, and replays
+# from the log on open what a crash kept it from applying.
+LEXICAL_SEQ, LEXICAL_LOG = b"lexical_seq", b"lexical_log/"
+LEXICAL_DIR = "lexical"
+LEXICAL_COMMIT_S = 1.0  # longest a bulk stream leaves lexical changes uncommitted
+SEARCH_MODES = ("dense", "lexical", "hybrid")
+FUSIONS = ("rrf", "weighted")
+FUSION_DEPTH = 100  # candidates each side brings to a hybrid fusion
 RECODE_FIT_SAMPLE = 4096
 JOB_PREFIX = b"job/"       # meta keys of bulk jobs' checkpoints
 MAX_JOB_NAME, MAX_CHECKPOINT_BYTES = 200, 64 << 10
@@ -150,6 +160,51 @@ def _check_vectors(vectors: Any, dim: int, field: str) -> np.ndarray:
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
+def _check_fusion(mode: str, fusion: str, rrf_k: int, alpha: float) -> None:
+    if mode not in SEARCH_MODES:
+        raise invalid("mode", f"must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
+    if fusion not in FUSIONS:
+        raise invalid("fusion", f"must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+    if isinstance(rrf_k, bool) or not isinstance(rrf_k, int | np.integer) or rrf_k < 1:
+        raise invalid("rrf_k", f"must be a positive integer, got {rrf_k!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= float(alpha) <= 1.0:
+        raise invalid("alpha", f"must be a number in [0, 1], got {alpha!r}")
+
+
+def _normalised(side: list[tuple[str, float]]) -> dict[str, float]:
+    """Min-max over one side's candidates (all 1.0 when they tie)."""
+    if not side:
+        return {}
+    values = np.array([score for _, score in side], dtype=np.float64)
+    span = values.max() - values.min()
+    scaled = (values - values.min()) / span if span > 0 else np.ones_like(values)
+    return {key: float(v) for (key, _), v in zip(side, scaled.tolist(), strict=True)}
+
+
+def _fuse(dense: list[tuple[str, float]] | None, lexical: list[tuple[str, float]] | None, mode: str,
+          fusion: str, rrf_k: int, alpha: float, k: int) -> list[Hit]:
+    """One query's hits (without text): a side alone, or both fused; ties break by id."""
+    d_rank = {key: r for r, (key, _) in enumerate(dense or [], start=1)}
+    l_rank = {key: r for r, (key, _) in enumerate(lexical or [], start=1)}
+    d_score, l_score = dict(dense or []), dict(lexical or [])
+    if mode == "dense":
+        fused = d_score
+    elif mode == "lexical":
+        fused = l_score
+    elif fusion == "rrf":
+        fused = {key: sum(1.0 / (rrf_k + ranks[key]) for ranks in (d_rank, l_rank) if key in ranks)
+                 for key in d_rank.keys() | l_rank.keys()}
+    else:
+        d_norm, l_norm = _normalised(dense or []), _normalised(lexical or [])
+        fused = {key: alpha * d_norm.get(key, 0.0) + (1 - alpha) * l_norm.get(key, 0.0)
+                 for key in d_rank.keys() | l_rank.keys()}
+    best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
+    both = mode != "dense"
+    return [Hit(key, float(score), None, {},
+                dense_score=d_score.get(key) if both else None, dense_rank=d_rank.get(key) if both else None,
+                lexical_score=l_score.get(key), lexical_rank=l_rank.get(key)) for key, score in best]
+
+
 def _codec_dir(generation: str) -> str:
     return f"{CODEC_DIR}.{generation}" if generation else CODEC_DIR
 
@@ -204,6 +259,10 @@ class Collection:
         self._load_index()
         if self._staged and self.codec.fitted:
             self._encode_staged()  # a crash came between saving the fitted codec and re-encoding: finish it
+        self.lexical = open_lexical(folder / LEXICAL_DIR)
+        self._lexical_unlogged: list[int] = []  # applied to the lexical index, not yet committed there
+        self._lexical_committed_at, self._bulk_depth = time.monotonic(), 0
+        self._catch_up_lexical()
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -228,6 +287,7 @@ class Collection:
     def close(self, reason: str = "closed") -> None:
         if self._closed is None:
             self._closed = reason
+            release_lexical(self.folder / LEXICAL_DIR)
             self.store.close()
 
     def _check_open(self) -> None:
@@ -362,8 +422,11 @@ class Collection:
             replaced = [k for k in keys if k in self._row_of]
             index_write, apply = self._stage_removal(replaced)
             meta = {NEXT_VID: _pack(first + n)} if keep_vids else {}
-            self.store.write(puts, meta={**meta, **job_meta}, index=index_write)
+            sequence, logged = self._lexical_log(keys)
+            self.store.write(puts, meta={**meta, **job_meta, **logged}, index=index_write)
             apply()
+            self._apply_lexical(sequence, [(key, texts[i] if texts is not None else None)
+                                           for i, key in enumerate(keys)], [])
             self._forget(replaced)
             vids = np.arange(first, first + n)
             if self.spann is not None:
@@ -379,10 +442,17 @@ class Collection:
     def upsert_stream(self, batches: Iterable[UpsertBatch]) -> Iterator[int]:
         """Each batch in its own transaction (with its checkpoint), yielding how many it wrote as it
         commits; once the stream ends the write buffer is flushed, so a bulk load is fully indexed.
-        A bad batch raises and leaves the ones before it committed (as over gRPC)."""
-        for batch in batches:
-            yield self.upsert(batch.ids, texts=batch.texts, vectors=batch.vectors, metadata=batch.metadata,
-                              checkpoint=batch.checkpoint)
+        A bad batch raises and leaves the ones before it committed (as over gRPC). Lexical search
+        sees a streamed batch within LEXICAL_COMMIT_S, and every batch once the stream ends."""
+        self._bulk_depth += 1
+        try:
+            for batch in batches:
+                yield self.upsert(batch.ids, texts=batch.texts, vectors=batch.vectors, metadata=batch.metadata,
+                                  checkpoint=batch.checkpoint)
+        finally:
+            self._bulk_depth -= 1
+            with self._lock.write():
+                self._commit_lexical()
         self.flush_index()
 
     def _stage_removal(self, keys: Sequence[str]) -> tuple[Callable[[lmdb.Transaction], None] | None,
@@ -555,8 +625,10 @@ class Collection:
             present = [k for k in keys if k in self._row_of]
             if present:
                 index_write, apply = self._stage_removal(present)
-                self.store.write([], [k.encode() for k in present], index=index_write)
+                sequence, logged = self._lexical_log(present)
+                self.store.write([], [k.encode() for k in present], meta=logged, index=index_write)
                 apply()
+                self._apply_lexical(sequence, [], present)
                 self._forget(present)
                 self._after_write()
         return len(present)
@@ -612,38 +684,64 @@ class Collection:
 
     def search(self, query: QueryLike, k: int = 10, filter: JSONDict | None = None, *,
                model: str | None = None, rescore_candidates: int | None = None,
-               nprobe: int | None = None) -> list[Hit]:
+               nprobe: int | None = None, mode: str = "dense", fusion: str = "rrf", rrf_k: int = 60,
+               alpha: float = 0.5) -> list[Hit]:
         """Top-k hits for one query text or vector."""
         if not isinstance(query, str) and np.asarray(query).ndim != 1:
             raise invalid("query", "must be one text or one vector; use search_batch for several")
         return self.search_batch([query] if isinstance(query, str) else np.asarray(query)[None, :], k, filter,
-                                 model=model, rescore_candidates=rescore_candidates, nprobe=nprobe)[0]
+                                 model=model, rescore_candidates=rescore_candidates, nprobe=nprobe, mode=mode,
+                                 fusion=fusion, rrf_k=rrf_k, alpha=alpha)[0]
 
     def search_batch(self, queries: Sequence[str] | np.ndarray | Sequence[Sequence[float]], k: int = 10,
                      filter: JSONDict | None = None, *, model: str | None = None,
-                     rescore_candidates: int | None = None, nprobe: int | None = None) -> list[list[Hit]]:
+                     rescore_candidates: int | None = None, nprobe: int | None = None, mode: str = "dense",
+                     fusion: str = "rrf", rrf_k: int = 60, alpha: float = 0.5) -> list[list[Hit]]:
         """Top-k hits per query. `nprobe` bounds the posting lists a SPANN index reads per query
-        (more: higher recall, slower); the flat index ignores it."""
+        (more: higher recall, slower); the flat index ignores it. `mode`: "dense" (vectors),
+        "lexical" (BM25 over the texts) or "hybrid" (both, fused by reciprocal rank with `rrf_k`,
+        or "weighted": min-max normalised scores, `alpha` on the dense side)."""
         self._check_open()
         k = _check_k(k)
         nprobe = check_nprobe(nprobe)
+        _check_fusion(mode, fusion, rrf_k, alpha)
+        if mode != "dense" and (isinstance(queries, np.ndarray) or not all(isinstance(q, str) for q in queries)):
+            raise invalid("query", f"{mode} search needs query text, not vectors")
+        depth = k if mode == "dense" else max(k, FUSION_DEPTH)
         with self._lock.read():
             allowed = self.metadata.evaluate(filter)
-        vectors = self.embed_queries(queries, model)
-        with self._lock.read():
-            scores, rows = self.search_vectors(vectors, k, allowed, rescore_candidates, nprobe)
-            ids = [[self._ids[r] for r in row if r >= 0] for row in rows.tolist()]
-        flat_ids = sorted({i for row in ids for i in row})
+        dense: list[list[tuple[str, float]]] | None = None
+        lexical: list[list[tuple[str, float]]] | None = None
+        if mode != "lexical":
+            vectors = self.embed_queries(queries, model)
+            with self._lock.read():
+                scores, rows = self.search_vectors(vectors, depth, allowed, rescore_candidates, nprobe)
+                dense = [[(self._ids[r], s) for r, s in zip(row, row_scores, strict=True) if r >= 0]
+                         for row, row_scores in zip(rows.tolist(), scores.tolist(), strict=True)]
+        if mode != "dense":
+            lexical = [self._lexical_top(str(q), depth, allowed) for q in queries]
+        ranked = [_fuse(dense[i] if dense else None, lexical[i] if lexical else None, mode, fusion, rrf_k, alpha, k)
+                  for i in range(len(queries))]
+        flat_ids = sorted({hit.id for row in ranked for hit in row})
         docs = dict(zip(flat_ids, self.store.get_documents([i.encode() for i in flat_ids]), strict=True))
         out = []
-        for row_ids, row_scores in zip(ids, scores.tolist(), strict=True):
+        for row in ranked:
             hits = []
-            for key, score in zip(row_ids, row_scores, strict=False):
-                doc = json.loads(docs[key] or b"{}")
-                hits.append(Hit(key, float(score), doc.get("text"), doc.get("metadata", {})))
-            hits.sort(key=lambda h: (-h.score, h.id))
+            for hit in row:
+                doc = json.loads(docs[hit.id] or b"{}")
+                hits.append(dataclasses.replace(hit, text=doc.get("text"), metadata=doc.get("metadata", {})))
             out.append(hits)
         return out
+
+    def _lexical_top(self, query: str, depth: int, allowed: np.ndarray | None) -> list[tuple[str, float]]:
+        def passes(ids: list[str]) -> np.ndarray:
+            assert allowed is not None
+            with self._lock.read():
+                rows = [self._row_of.get(i, -1) for i in ids]
+            return np.array([r >= 0 and bool(allowed[r]) for r in rows], dtype=bool)
+
+        ids, scores = self.lexical.search(query, depth, None if allowed is None else passes)
+        return list(zip(ids, scores.tolist(), strict=True))
 
     def search_vectors(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None = None,
                        rescore_candidates: int | None = None,
@@ -701,6 +799,51 @@ class Collection:
         """The last checkpoint of each job that wrote with one (see upsert), by job name."""
         self._check_open()
         return {key[len(JOB_PREFIX):].decode(): json.loads(value) for key, value in self.store.meta_items(JOB_PREFIX)}
+
+    # -- the lexical index ---------------------------------------------------------------------
+    def _lexical_log(self, keys: Sequence[str]) -> tuple[int, dict[bytes, bytes]]:
+        """The next sequence number and the meta entries that log `keys` under it (written in the
+        batch's own transaction)."""
+        sequence = self._meta_int(LEXICAL_SEQ) + 1
+        return sequence, {LEXICAL_SEQ: _pack(sequence), LEXICAL_LOG + _pack(sequence): json.dumps(list(keys)).encode()}
+
+    def _apply_lexical(self, sequence: int, upserts: Sequence[tuple[str, str | None]], deletes: Sequence[str]) -> None:
+        """After the LMDB commit: the same change in the lexical index, then the log entries it
+        covers go. Inside a bulk stream the commit waits up to LEXICAL_COMMIT_S (a tantivy commit
+        costs ~37 ms: one per 512-document batch halved ingest speed)."""
+        self.lexical.stage(upserts, deletes)
+        self._lexical_unlogged.append(sequence)
+        if self._bulk_depth == 0 or time.monotonic() - self._lexical_committed_at >= LEXICAL_COMMIT_S:
+            self._commit_lexical()
+
+    def _commit_lexical(self) -> None:
+        if not self._lexical_unlogged:
+            return
+        self.lexical.commit(self._lexical_unlogged[-1])
+        self.store.delete_meta([LEXICAL_LOG + _pack(seq) for seq in self._lexical_unlogged])
+        self._lexical_unlogged.clear()
+        self._lexical_committed_at = time.monotonic()
+
+    def _catch_up_lexical(self) -> None:
+        """Replay the logged batches the lexical index has not applied (a crash between the two
+        commits), or index every document when the lexical index is new."""
+        current = self._meta_int(LEXICAL_SEQ)
+        logged = self.store.meta_items(LEXICAL_LOG)
+        if self.lexical.applied >= current and not logged:
+            return
+        if self.lexical.applied < 0:  # new (or lost): from the documents themselves
+            keys = list(self._row_of)
+        else:
+            keys = list(dict.fromkeys(key for raw_seq, raw in logged
+                                      if struct.unpack(">q", raw_seq[len(LEXICAL_LOG):])[0] > self.lexical.applied
+                                      for key in json.loads(raw)))
+        for lo in range(0, len(keys), 4096):
+            part = keys[lo:lo + 4096]
+            docs = self.store.get_documents([k.encode() for k in part])
+            self.lexical.stage([(k, json.loads(d).get("text")) for k, d in zip(part, docs, strict=True) if d],
+                               [k for k, d in zip(part, docs, strict=True) if not d])
+        self.lexical.commit(current)
+        self.store.delete_meta([key for key, _ in logged])
 
     def recode(self, spec: str, *, progress: bool = True) -> JSONDict:
         """Re-encode every stored code with a new codec (`nestvec plan --apply`).
@@ -832,7 +975,7 @@ class Collection:
             "encoder": enc.to_json() if enc else None,
             "metadata_fields": sorted(self.metadata.fields),
             "index": self._index_info(),
-            "disk_bytes": self.store.disk_bytes(),
+            "disk_bytes": self.store.disk_bytes() + self.lexical.disk_bytes(),
             "jobs": self.jobs(),
         }
 

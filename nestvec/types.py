@@ -52,6 +52,11 @@ class Hit:
     score: float
     text: str | None
     metadata: JSONDict = field(default_factory=dict)
+    # Lexical and hybrid searches: each side's own score and 1-based rank (None: not in its top).
+    dense_score: float | None = None
+    dense_rank: int | None = None
+    lexical_score: float | None = None
+    lexical_rank: int | None = None
 
 
 @dataclass(frozen=True)

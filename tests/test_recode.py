@@ -109,12 +109,13 @@ def test_a_spann_collection_switches_while_it_is_searched(tmp_path: Path) -> Non
 def test_a_recode_killed_mid_way_leaves_the_old_codec_whole(cranfield: np.ndarray, tmp_path: Path) -> None:
     vectors = np.load(DATA / "wiki250k" / "minilm_base150k_fp16.npy",
                       mmap_mode="r")[:20000].astype(np.float32)
-    col = nestvec.connect(tmp_path).create_collection("w", encoder=None, dim=384, codec="int8", index="spann")
+    client = nestvec.connect(tmp_path)
+    col = client.create_collection("w", encoder=None, dim=384, codec="int8", index="spann")
     col.upsert([f"d{i}" for i in range(len(vectors))], vectors=vectors)
     col.flush_index()
     queries = vectors[:50] * 0.9 + vectors[50:100] * 0.1
     before = _search_ids(col, queries)
-    nestvec.connect(tmp_path).close()
+    client.close()  # the subprocess writes: this process must not hold the collection's writer locks
     script = "import sys, nestvec; nestvec.connect(sys.argv[1]).get_collection('w').recode('pca96+int8', progress=False)"
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 120

@@ -1,0 +1,117 @@
+"""Lexical and hybrid search on a real SciFact slice: each mode, filters on both sides, deletes
+gone from both, reopen, a crash between the two stores' commits, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import nestvec
+from nestvec.datasets import iter_corpus
+from nestvec.errors import InvalidArgumentError
+from realdata import DATA, shipped_embeddings
+
+N = 400
+
+
+@pytest.fixture(scope="module")
+def scifact() -> tuple[list[str], list[str], np.ndarray]:
+    ids, vectors = shipped_embeddings("scifact")
+    texts = {d.id: d.text for d in iter_corpus(DATA / "scifact" / "corpus.jsonl")}
+    return ids[:N], [texts[i] for i in ids[:N]], np.ascontiguousarray(vectors[:N], dtype=np.float32)
+
+
+def _collection(tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray]) -> Any:
+    ids, texts, vectors = scifact
+    col = nestvec.connect(tmp_path).create_collection("s", encoder=None, dim=384, codec="int8")
+    col.upsert(ids, vectors=vectors, texts=texts, metadata=[{"half": i % 2} for i in range(N)])
+    # no encoder: a text query's vector is that of the document it was taken from
+    by_text = {t[:60]: v for t, v in zip(texts, vectors, strict=True)}
+    col.embed_queries = lambda qs, model=None: np.stack([by_text[q[:60]] for q in qs])
+    return col
+
+
+def test_each_mode_finds_the_document_a_passage_came_from(
+        tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray]) -> None:
+    ids, texts, _ = scifact
+    col = _collection(tmp_path, scifact)
+    for i in (3, 77, 250):
+        query = texts[i][:60]
+        lexical = col.search(query, k=5, mode="lexical")
+        assert lexical[0].id == ids[i] and lexical[0].lexical_rank == 1 and lexical[0].dense_rank is None
+        assert lexical[0].score == lexical[0].lexical_score > 0 and lexical[0].text == texts[i]
+        for fusion in ("rrf", "weighted"):
+            hybrid = col.search(query, k=5, mode="hybrid", fusion=fusion)
+            top = hybrid[0]
+            assert top.id == ids[i] and top.dense_rank == 1 and top.lexical_rank == 1
+            assert [h.score for h in hybrid] == sorted((h.score for h in hybrid), reverse=True)
+        rrf = col.search(query, k=5, mode="hybrid", rrf_k=60)[0]
+        assert rrf.score == pytest.approx(2 / 61)
+        dense = col.search(query, k=5)
+        assert dense[0].id == ids[i] and dense[0].lexical_rank is None
+
+
+def test_filters_apply_to_both_sides_and_deletes_leave_both(
+        tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray]) -> None:
+    ids, texts, _ = scifact
+    col = _collection(tmp_path, scifact)
+    query = texts[10][:60]
+    odd_only = col.search(query, k=10, mode="hybrid", filter={"half": 1})
+    assert odd_only and all(h.metadata["half"] == 1 for h in odd_only) and ids[10] not in [h.id for h in odd_only]
+    assert all(h.metadata["half"] == 1 for h in col.search(query, k=10, mode="lexical", filter={"half": 1}))
+    col.delete([ids[10]])
+    for mode in ("dense", "lexical", "hybrid"):
+        assert ids[10] not in [h.id for h in col.search(query, k=10, mode=mode)]
+    col.upsert([ids[10]], vectors=scifact[2][10:11], texts=["graphene superconductivity at room temperature"])
+    assert col.search("room temperature graphene", k=1, mode="lexical")[0].id == ids[10]
+    assert ids[10] not in [h.id for h in col.search(query, k=10, mode="lexical")]  # the old text is gone
+
+
+def test_reopen_and_a_crash_between_the_two_commits(
+        tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    ids, texts, vectors = scifact
+    client = nestvec.connect(tmp_path)
+    col = client.create_collection("s", encoder=None, dim=384, codec="int8")
+    col.upsert(ids[:200], vectors=vectors[:200], texts=texts[:200])
+
+    def die(*args: object) -> None:
+        raise KeyboardInterrupt("killed after the LMDB commit, before the lexical one")
+
+    monkeypatch.setattr(type(col), "_apply_lexical", die)
+    with pytest.raises(KeyboardInterrupt):
+        col.upsert(ids[200:300], vectors=vectors[200:300], texts=texts[200:300])
+    with pytest.raises(KeyboardInterrupt):
+        col.delete(ids[:50])
+    monkeypatch.undo()
+    client.close()
+    reopened = nestvec.connect(tmp_path).get_collection("s")
+    assert reopened.count() == 250
+    assert reopened.search(texts[250][:60], k=1, mode="lexical")[0].id == ids[250]  # replayed on open
+    assert ids[5] not in [h.id for h in reopened.search(texts[5][:60], k=10, mode="lexical")]
+    assert reopened.store.meta_items(b"lexical_log/") == []
+
+
+@pytest.mark.parametrize("query", ['"unclosed', "title:(a OR b", "AND OR NOT", "cell* ~2 ^3 [x TO y]", "a:b:c"])
+def test_query_syntax_is_searched_as_plain_words(
+        tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray], query: str) -> None:
+    col = _collection(tmp_path, scifact)
+    hits = col.search(query, k=3, mode="lexical")
+    assert isinstance(hits, list)  # no parse error
+    assert col.search("   ", k=3, mode="lexical") == [] and col.search("?!", k=3, mode="lexical") == []
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"mode": "sparse"}, "mode"), ({"mode": "hybrid", "fusion": "max"}, "fusion"),
+    ({"mode": "hybrid", "alpha": 1.5}, "alpha"), ({"mode": "hybrid", "alpha": -0.1}, "alpha"),
+    ({"mode": "hybrid", "rrf_k": 0}, "rrf_k"),
+])
+def test_bad_search_settings_name_the_field(
+        tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray], kwargs: dict[str, Any], field: str) -> None:
+    col = _collection(tmp_path, scifact)
+    with pytest.raises(InvalidArgumentError, match=field):
+        col.search("cells", k=3, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="query"):
+        col.search(scifact[2][0], k=3, mode="lexical")
