@@ -9,6 +9,7 @@ changes only after a write transaction has committed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -444,16 +445,25 @@ class Collection:
         commits; once the stream ends the write buffer is flushed, so a bulk load is fully indexed.
         A bad batch raises and leaves the ones before it committed (as over gRPC). Lexical search
         sees a streamed batch within LEXICAL_COMMIT_S, and every batch once the stream ends."""
-        self._bulk_depth += 1
-        try:
+        with self.bulk():
             for batch in batches:
                 yield self.upsert(batch.ids, texts=batch.texts, vectors=batch.vectors, metadata=batch.metadata,
                                   checkpoint=batch.checkpoint)
+        self.flush_index()
+
+    @contextlib.contextmanager
+    def bulk(self) -> Iterator[None]:
+        """Writes inside are a bulk load: lexical commits are grouped (at most LEXICAL_COMMIT_S
+        apart), and at the end everything is committed and the lexical index's merges finish."""
+        self._bulk_depth += 1
+        try:
+            yield
         finally:
             self._bulk_depth -= 1
             with self._lock.write():
                 self._commit_lexical()
-        self.flush_index()
+                if not self._bulk_depth:
+                    self.lexical.settle()
 
     def _stage_removal(self, keys: Sequence[str]) -> tuple[Callable[[lmdb.Transaction], None] | None,
                                                             Callable[[], None]]:
@@ -729,7 +739,8 @@ class Collection:
             hits = []
             for hit in row:
                 doc = json.loads(docs[hit.id] or b"{}")
-                hits.append(dataclasses.replace(hit, text=doc.get("text"), metadata=doc.get("metadata", {})))
+                hits.append(Hit(hit.id, hit.score, doc.get("text"), doc.get("metadata", {}), hit.dense_score,
+                                hit.dense_rank, hit.lexical_score, hit.lexical_rank))
             out.append(hits)
         return out
 

@@ -51,6 +51,15 @@ class LexicalIndex:
             self._writer = self.index.writer(WRITER_HEAP, 1)
         return self._writer
 
+    def settle(self) -> None:
+        """Wait for the writer's background segment merges and let the writer go (a new one is
+        taken on the next write): after a bulk load the merges otherwise ran on for seconds,
+        taking CPU from the searches that followed."""
+        if self._writer is not None:
+            self._writer.wait_merging_threads()
+            self._writer = None
+            self.index.reload()
+
     def close(self) -> None:
         """Drop the writer, which releases the index's writer lock (the folder can be opened again)."""
         self._writer, self._closed = None, True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import json
@@ -128,11 +129,14 @@ class PointsService(pb_grpc.PointsServicer):
         a bulk load is fully indexed once the call returns."""
         batch, touched = -1, set()
         try:
-            for batch, request in enumerate(requests):
-                yield pb.UpsertResponse(written=self._upsert(request), batch=batch)
-                touched.add(request.collection)
-            for name in sorted(touched):
-                self.catalog.get_collection(name).flush_index()
+            with contextlib.ExitStack() as bulk:  # lexical commits grouped while the stream lasts
+                for batch, request in enumerate(requests):
+                    if request.collection not in touched:
+                        bulk.enter_context(self.catalog.get_collection(request.collection).bulk())
+                        touched.add(request.collection)
+                    yield pb.UpsertResponse(written=self._upsert(request), batch=batch)
+                for name in sorted(touched):
+                    self.catalog.get_collection(name).flush_index()
         except NestvecError as err:
             err.message = f"batch {batch}: {err.message} (batches before it are committed)"
             _abort(context, err)
