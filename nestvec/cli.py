@@ -73,10 +73,24 @@ def _ingest_target(args: argparse.Namespace, source: Any) -> tuple[Any, Any]:
 def cmd_search(args: argparse.Namespace) -> int:
     collection = _client(args).get_collection(args.collection)
     filt = json.loads(args.filter) if args.filter else None
-    for rank, hit in enumerate(collection.search(args.query, k=args.k, filter=filt, nprobe=args.nprobe), start=1):
+    hits = collection.search(args.query, k=args.k, filter=filt, nprobe=args.nprobe, **_mode_options(args))
+    for rank, hit in enumerate(hits, start=1):
         text = textwrap.shorten(hit.text or "", width=args.width, placeholder=" ...")
-        print(f"{rank:>3}. {hit.score:.4f}  [{hit.id}]  {text}")
+        sides = "" if args.mode == "dense" else (f"  (dense #{hit.dense_rank or '-'}, "
+                                                  f"lexical #{hit.lexical_rank or '-'})")
+        print(f"{rank:>3}. {hit.score:.4f}  [{hit.id}]{sides}  {text}")
     return 0
+
+
+def _mode_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"mode": args.mode, "fusion": args.fusion, "rrf_k": args.rrf_k, "alpha": args.alpha}
+
+
+def _add_mode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", default="dense", help="dense (vectors), lexical (BM25) or hybrid (both, fused)")
+    p.add_argument("--fusion", default="rrf", help="hybrid: rrf (reciprocal rank) or weighted (normalised scores)")
+    p.add_argument("--rrf-k", type=int, default=60)
+    p.add_argument("--alpha", type=float, default=0.5, help="weighted fusion: the dense side's weight")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -90,11 +104,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if missing:
         raise invalid("qrels", f"{len(missing)} judged queries are not in {args.queries}, e.g. {missing[0]!r}")
     qids = sorted(qrels)
-    results = collection.search_batch([queries[q] for q in qids], k=100)
+    results = collection.search_batch([queries[q] for q in qids], k=100, **_mode_options(args))
     run = {q: [h.id for h in hits] for q, hits in zip(qids, results, strict=True)}
     metrics = evaluate(run, qrels)
-    print(json.dumps({"collection": args.collection, "codec": collection.codec.spec, "queries": len(qids),
-                      **{k: round(v, 4) for k, v in metrics.items()}}))
+    print(json.dumps({"collection": args.collection, "codec": collection.codec.spec, "mode": args.mode,
+                      "queries": len(qids), **{k: round(v, 4) for k, v in metrics.items()}}))
     return 0
 
 
@@ -226,12 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--filter", default=None, help='metadata filter as JSON, e.g. \'{"year": {"$gte": 2020}}\'')
     p.add_argument("--nprobe", type=int, default=None, help="SPANN: most posting lists read per query")
     p.add_argument("--width", type=int, default=110)
+    _add_mode_arguments(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("eval", help="nDCG@10 and recall@100 against BEIR queries and qrels")
     p.add_argument("collection")
     p.add_argument("--queries", required=True)
     p.add_argument("--qrels", required=True)
+    _add_mode_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("plan", help="measure candidate codecs on a sample and pick the best within a byte budget")

@@ -115,3 +115,18 @@ def test_bad_search_settings_name_the_field(
         col.search("cells", k=3, **kwargs)
     with pytest.raises(InvalidArgumentError, match="query"):
         col.search(scifact[2][0], k=3, mode="lexical")
+
+
+def test_cli_search_and_eval_take_the_mode(tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from nestvec.cli import main
+
+    ids, texts, vectors = scifact
+    client = nestvec.connect(tmp_path)
+    client.create_collection("s", encoder=None, dim=384, codec="int8").upsert(ids, vectors=vectors, texts=texts)
+    client.close()
+    assert main(["--data", str(tmp_path), "search", "s", texts[42][:60], "--mode", "lexical", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"[{ids[42]}]" in out.splitlines()[0] and "lexical #1" in out
+    assert main(["--data", str(tmp_path), "search", "s", "cells", "--mode", "hybrid", "--alpha", "2"]) != 0
+    assert "alpha" in capsys.readouterr().err
