@@ -3,6 +3,7 @@ gone from both, reopen, a crash between the two stores' commits, and bad input."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,85 @@ def test_cli_search_and_eval_take_the_mode(tmp_path: Path, scifact: tuple[list[s
     assert f"[{ids[42]}]" in out.splitlines()[0] and "lexical #1" in out
     assert main(["--data", str(tmp_path), "search", "s", "cells", "--mode", "hybrid", "--alpha", "2"]) != 0
     assert "alpha" in capsys.readouterr().err
+
+
+_WRITER = """
+import json, sys
+import numpy as np
+import nestvec
+col = nestvec.connect(sys.argv[1]).get_collection("s")
+vectors, rng, live = np.load(sys.argv[2]), np.random.default_rng(int(sys.argv[3])), []
+for step in range(100_000):
+    if step % 3 == 2 and len(live) > 8:
+        gone = [live.pop(int(i)) for i in sorted(rng.choice(len(live), 3, replace=False), reverse=True)]
+        print("next del", json.dumps(gone), flush=True)
+        col.delete(gone)
+        print("acked", flush=True)
+    else:
+        ids = [f"t{sys.argv[3]}s{step}n{i}" for i in range(4)]
+        print("next put", json.dumps(ids), flush=True)
+        col.upsert(ids, vectors=vectors[rng.choice(len(vectors), 4)], texts=[f"word{step} marker{i}" for i in ids])
+        live += ids
+        print("acked", flush=True)
+"""
+
+
+def test_killed_writers_leave_both_stores_agreeing(tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray]
+                                                   ) -> None:
+    """A subprocess upserts and deletes until SIGKILLed at a random moment, three times: after
+    each reopen the lexical index holds exactly the vector store's ids, every acknowledged write is
+    there, and the one in flight is either wholly there or wholly absent."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from realdata import REPO
+
+    ids, texts, vectors = scifact
+    np.save(tmp_path / "v.npy", vectors)
+    client = nestvec.connect(tmp_path / "data")
+    client.create_collection("s", encoder=None, dim=384, codec="int8").upsert(ids[:50], vectors=vectors[:50],
+                                                                             texts=texts[:50])
+    client.close()
+    expected_present, expected_absent = set(ids[:50]), set()
+    rng = np.random.default_rng(7)
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "data"), str(tmp_path / "v.npy"),
+                                 str(trial)], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        time.sleep(float(rng.uniform(2.0, 4.0)))
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        lines = out.splitlines()
+        acked = 0
+        in_flight: tuple[str, list[str]] | None = None
+        for line in lines:
+            if line.startswith("next "):
+                kind, payload = line[5:8], json.loads(line[9:])
+                in_flight = (kind, payload)
+            elif line == "acked" and in_flight is not None:
+                kind, payload = in_flight
+                if kind == "put":
+                    expected_present |= set(payload)
+                    expected_absent -= set(payload)
+                else:
+                    expected_present -= set(payload)
+                    expected_absent |= set(payload)
+                in_flight, acked = None, acked + 1
+        assert acked >= 3, f"trial {trial}: the writer acknowledged only {acked} writes before the kill"
+        col = nestvec.connect(tmp_path / "data").get_collection("s")
+        vector_ids = set(col._row_of)
+        assert col.lexical.ids() == vector_ids, f"trial {trial}: the two stores disagree"
+        maybe_gone = set(in_flight[1]) if in_flight is not None and in_flight[0] == "del" else set()
+        assert expected_present - maybe_gone <= vector_ids and not expected_absent & vector_ids
+        if in_flight is not None:  # committed whole or not at all
+            kind, payload = in_flight
+            there = [i in vector_ids for i in payload]
+            assert all(there) or not any(there)
+        for key in sorted(expected_present - set(ids))[:5]:
+            assert col.search(f"word{key.split('s')[1].split('n')[0]}", k=8, mode="lexical")
+        nestvec.connect(tmp_path / "data").close()
+        col.close()
+        expected_present, expected_absent = vector_ids, expected_absent - vector_ids

@@ -41,6 +41,12 @@ class LexicalIndex:
         self.index.reload()
         self.applied = self._read_applied()
 
+    def ids(self) -> set[str]:
+        """Every id the index holds (a consistency check against the vector store)."""
+        searcher = self.index.searcher()
+        hits = searcher.search(tantivy.Query.all_query(), max(searcher.num_docs, 1), count=False).hits
+        return {searcher.doc(address)["id"][0] for _, address in hits} - {_APPLIED}
+
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
 
