@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 class ReadWriteLock:
@@ -58,3 +62,32 @@ class ReadWriteLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class PerPath(Generic[T]):
+    """One open resource per path per process, counted by its users and closed with the last:
+    LMDB wants one environment per path, tantivy one writer per index."""
+
+    def __init__(self, open_: Callable[[Path], T], close: Callable[[T], None]) -> None:
+        self._open, self._close = open_, close
+        self._held: dict[str, tuple[T, int]] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, path: Path) -> T:
+        key = str(path.resolve())
+        with self._lock:
+            resource, refs = self._held.get(key) or (self._open(path), 0)
+            self._held[key] = (resource, refs + 1)
+            return resource
+
+    def release(self, path: Path) -> None:
+        key = str(path.resolve())
+        with self._lock:
+            if key not in self._held:
+                return
+            resource, refs = self._held[key]
+            if refs > 1:
+                self._held[key] = (resource, refs - 1)
+            else:
+                del self._held[key]
+                self._close(resource)

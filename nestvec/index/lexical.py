@@ -9,12 +9,13 @@ commit as the changes, so after a crash the collection knows which logged batche
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import tantivy
+
+from nestvec.concurrency import PerPath
 
 _APPLIED = "\x00applied"  # the id of the document holding the applied sequence number
 _WORD = re.compile(r"\w+")
@@ -122,28 +123,6 @@ class LexicalIndex:
             depth *= 4
 
 
-_OPEN: dict[str, tuple[LexicalIndex, int]] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def open_lexical(folder: Path) -> LexicalIndex:
-    """One LexicalIndex per folder per process, shared by every collection object opened on it
-    (tantivy allows one writer per index, as LMDB wants one environment per path)."""
-    key = str(folder.resolve())
-    with _OPEN_LOCK:
-        index, refs = _OPEN.get(key) or (LexicalIndex(folder), 0)
-        _OPEN[key] = (index, refs + 1)
-        return index
-
-
-def release_lexical(folder: Path) -> None:
-    key = str(folder.resolve())
-    with _OPEN_LOCK:
-        if key not in _OPEN:
-            return
-        index, refs = _OPEN[key]
-        if refs > 1:
-            _OPEN[key] = (index, refs - 1)
-        else:
-            del _OPEN[key]
-            index.close()
+# One LexicalIndex per folder per process, shared by every collection object opened on it.
+_OPEN: PerPath[LexicalIndex] = PerPath(LexicalIndex, lambda index: index.close())
+open_lexical, release_lexical = _OPEN.acquire, _OPEN.release

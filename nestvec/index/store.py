@@ -20,42 +20,24 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
+from nestvec.concurrency import PerPath
 from nestvec.memory import mapped_file
 from nestvec.types import JSONDict
 
 INITIAL_MAP_SIZE = 64 << 20
 PAGE_BYTES = 4096
 BULK_READ = 2048  # keys read by key between checks on the pages mapped
-_ENVS: dict[str, tuple[lmdb.Environment, int]] = {}
 IndexWrite = Callable[[lmdb.Transaction], None]
-_ENVS_LOCK = threading.Lock()
 
 
-def _open_env(path: Path) -> lmdb.Environment:
-    key = str(path.resolve())
-    with _ENVS_LOCK:
-        if key in _ENVS:
-            env, refs = _ENVS[key]
-            _ENVS[key] = (env, refs + 1)
-            return env
-        path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(key, map_size=INITIAL_MAP_SIZE, max_dbs=16, subdir=True, lock=True, readahead=False,
-                        writemap=True)
-        _ENVS[key] = (env, 1)
-        return env
+def _open_lmdb(path: Path) -> lmdb.Environment:
+    path.mkdir(parents=True, exist_ok=True)
+    return lmdb.open(str(path.resolve()), map_size=INITIAL_MAP_SIZE, max_dbs=16, subdir=True, lock=True,
+                     readahead=False, writemap=True)
 
 
-def _release_env(path: Path) -> None:
-    key = str(path.resolve())
-    with _ENVS_LOCK:
-        if key not in _ENVS:
-            return
-        env, refs = _ENVS[key]
-        if refs > 1:
-            _ENVS[key] = (env, refs - 1)
-        else:
-            del _ENVS[key]
-            env.close()
+_ENVS: PerPath[lmdb.Environment] = PerPath(_open_lmdb, lambda env: env.close())
+_open_env, _release_env = _ENVS.acquire, _ENVS.release
 
 
 @dataclass(frozen=True)
