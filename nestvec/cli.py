@@ -16,6 +16,7 @@ from typing import Any
 from nestvec.client.local import DEFAULT_CODEC, LocalClient
 from nestvec.errors import NestvecError, NotFoundError, invalid
 from nestvec.fsutil import write_json
+from nestvec.index.fusion import DEFAULT_ALPHA, DEFAULT_FUSION, DEFAULT_MODE, DEFAULT_RRF_K, FUSIONS, SEARCH_MODES
 
 
 def _client(args: argparse.Namespace) -> LocalClient:
@@ -87,10 +88,12 @@ def _mode_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _add_mode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default="dense", help="dense (vectors), lexical (BM25) or hybrid (both, fused)")
-    p.add_argument("--fusion", default="rrf", help="hybrid: rrf (reciprocal rank) or weighted (normalised scores)")
-    p.add_argument("--rrf-k", type=int, default=60)
-    p.add_argument("--alpha", type=float, default=0.5, help="weighted fusion: the dense side's weight")
+    p.add_argument("--mode", default=DEFAULT_MODE, choices=SEARCH_MODES,
+                   help="dense (vectors), lexical (BM25) or hybrid (both, fused)")
+    p.add_argument("--fusion", default=DEFAULT_FUSION, choices=FUSIONS,
+                   help="hybrid: weighted (normalised scores) or rrf (reciprocal rank)")
+    p.add_argument("--rrf-k", type=int, default=DEFAULT_RRF_K, help="rrf fusion: the rank constant")
+    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="weighted fusion: the dense side's weight")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -32,6 +32,15 @@ from nestvec.fsutil import read_json, write_json
 from nestvec.index.buffered import BufferedSpann
 from nestvec.index.filters import MetadataTable
 from nestvec.index.flat import FlatIndex
+from nestvec.index.fusion import (
+    DEFAULT_ALPHA,
+    DEFAULT_FUSION,
+    DEFAULT_MODE,
+    DEFAULT_RRF_K,
+    FUSION_DEPTH,
+    check_fusion,
+    fuse,
+)
 from nestvec.index.lexical import open_lexical, release_lexical
 from nestvec.index.postings import PostingStore
 from nestvec.index.spann import SpannConfig, SpannIndex
@@ -74,9 +83,6 @@ GENERATION, RECODE_PENDING, RECODE_RETIRED = b"generation", b"recode_pending", b
 LEXICAL_SEQ, LEXICAL_LOG = b"lexical_seq", b"lexical_log/"
 LEXICAL_DIR = "lexical"
 LEXICAL_COMMIT_S = 1.0  # longest a bulk stream leaves lexical changes uncommitted
-SEARCH_MODES = ("dense", "lexical", "hybrid")
-FUSIONS = ("rrf", "weighted")
-FUSION_DEPTH = 100  # candidates each side brings to a hybrid fusion
 RECODE_FIT_SAMPLE = 4096
 JOB_PREFIX = b"job/"       # meta keys of bulk jobs' checkpoints
 MAX_JOB_NAME, MAX_CHECKPOINT_BYTES = 200, 64 << 10
@@ -159,51 +165,6 @@ def _check_vectors(vectors: Any, dim: int, field: str) -> np.ndarray:
     if (norms == 0).any():
         raise invalid(f"{field}[{int(np.argmax(norms[:, 0] == 0))}]", "is the zero vector")
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
-
-
-def _check_fusion(mode: str, fusion: str, rrf_k: int, alpha: float) -> None:
-    if mode not in SEARCH_MODES:
-        raise invalid("mode", f"must be one of {', '.join(SEARCH_MODES)}, got {mode!r}")
-    if fusion not in FUSIONS:
-        raise invalid("fusion", f"must be one of {', '.join(FUSIONS)}, got {fusion!r}")
-    if isinstance(rrf_k, bool) or not isinstance(rrf_k, int | np.integer) or rrf_k < 1:
-        raise invalid("rrf_k", f"must be a positive integer, got {rrf_k!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0.0 <= float(alpha) <= 1.0:
-        raise invalid("alpha", f"must be a number in [0, 1], got {alpha!r}")
-
-
-def _normalised(side: list[tuple[str, float]]) -> dict[str, float]:
-    """Min-max over one side's candidates (all 1.0 when they tie)."""
-    if not side:
-        return {}
-    values = np.array([score for _, score in side], dtype=np.float64)
-    span = values.max() - values.min()
-    scaled = (values - values.min()) / span if span > 0 else np.ones_like(values)
-    return {key: float(v) for (key, _), v in zip(side, scaled.tolist(), strict=True)}
-
-
-def _fuse(dense: list[tuple[str, float]] | None, lexical: list[tuple[str, float]] | None, mode: str,
-          fusion: str, rrf_k: int, alpha: float, k: int) -> list[Hit]:
-    """One query's hits (without text): a side alone, or both fused; ties break by id."""
-    d_rank = {key: r for r, (key, _) in enumerate(dense or [], start=1)}
-    l_rank = {key: r for r, (key, _) in enumerate(lexical or [], start=1)}
-    d_score, l_score = dict(dense or []), dict(lexical or [])
-    if mode == "dense":
-        fused = d_score
-    elif mode == "lexical":
-        fused = l_score
-    elif fusion == "rrf":
-        fused = {key: sum(1.0 / (rrf_k + ranks[key]) for ranks in (d_rank, l_rank) if key in ranks)
-                 for key in d_rank.keys() | l_rank.keys()}
-    else:
-        d_norm, l_norm = _normalised(dense or []), _normalised(lexical or [])
-        fused = {key: alpha * d_norm.get(key, 0.0) + (1 - alpha) * l_norm.get(key, 0.0)
-                 for key in d_rank.keys() | l_rank.keys()}
-    best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
-    both = mode != "dense"
-    return [Hit(key, float(score), None, {},
-                dense_score=d_score.get(key) if both else None, dense_rank=d_rank.get(key) if both else None,
-                lexical_score=l_score.get(key), lexical_rank=l_rank.get(key)) for key, score in best]
 
 
 def _codec_dir(generation: str) -> str:
@@ -693,44 +654,57 @@ class Collection:
         return vectors
 
     def search(self, query: QueryLike, k: int = 10, filter: JSONDict | None = None, *,
-               model: str | None = None, rescore_candidates: int | None = None,
-               nprobe: int | None = None, mode: str = "dense", fusion: str = "rrf", rrf_k: int = 60,
-               alpha: float = 0.5) -> list[Hit]:
-        """Top-k hits for one query text or vector."""
+               vector: Sequence[float] | np.ndarray | None = None, model: str | None = None,
+               rescore_candidates: int | None = None, nprobe: int | None = None, mode: str = DEFAULT_MODE,
+               fusion: str = DEFAULT_FUSION, rrf_k: int = DEFAULT_RRF_K, alpha: float = DEFAULT_ALPHA) -> list[Hit]:
+        """Top-k hits for one query text or vector (see `search_batch`)."""
         if not isinstance(query, str) and np.asarray(query).ndim != 1:
             raise invalid("query", "must be one text or one vector; use search_batch for several")
+        if vector is not None and np.asarray(vector).ndim != 1:
+            raise invalid("vector", "must be one vector")
         return self.search_batch([query] if isinstance(query, str) else np.asarray(query)[None, :], k, filter,
-                                 model=model, rescore_candidates=rescore_candidates, nprobe=nprobe, mode=mode,
+                                 vectors=None if vector is None else np.asarray(vector)[None, :], model=model,
+                                 rescore_candidates=rescore_candidates, nprobe=nprobe, mode=mode,
                                  fusion=fusion, rrf_k=rrf_k, alpha=alpha)[0]
 
     def search_batch(self, queries: Sequence[str] | np.ndarray | Sequence[Sequence[float]], k: int = 10,
-                     filter: JSONDict | None = None, *, model: str | None = None,
-                     rescore_candidates: int | None = None, nprobe: int | None = None, mode: str = "dense",
-                     fusion: str = "rrf", rrf_k: int = 60, alpha: float = 0.5) -> list[list[Hit]]:
+                     filter: JSONDict | None = None, *, vectors: np.ndarray | Sequence[Sequence[float]] | None = None,
+                     model: str | None = None, rescore_candidates: int | None = None, nprobe: int | None = None,
+                     mode: str = DEFAULT_MODE, fusion: str = DEFAULT_FUSION, rrf_k: int = DEFAULT_RRF_K,
+                     alpha: float = DEFAULT_ALPHA) -> list[list[Hit]]:
         """Top-k hits per query. `nprobe` bounds the posting lists a SPANN index reads per query
         (more: higher recall, slower); the flat index ignores it. `mode`: "dense" (vectors),
-        "lexical" (BM25 over the texts) or "hybrid" (both, fused by reciprocal rank with `rrf_k`,
-        or "weighted": min-max normalised scores, `alpha` on the dense side)."""
+        "lexical" (BM25 over the texts) or "hybrid" (both; `fusion` "weighted": min-max normalised
+        scores, `alpha` on the dense side, or "rrf": reciprocal rank with `rrf_k`). Text queries
+        are encoded with the collection's encoder unless `vectors` gives their dense side (a
+        collection of caller-made vectors searched in hybrid mode)."""
         self._check_open()
         k = _check_k(k)
         nprobe = check_nprobe(nprobe)
-        _check_fusion(mode, fusion, rrf_k, alpha)
-        if mode != "dense" and (isinstance(queries, np.ndarray) or not all(isinstance(q, str) for q in queries)):
+        check_fusion(mode, fusion, rrf_k, alpha)
+        if not len(queries):
+            raise invalid("queries", "empty batch")
+        texts = isinstance(queries, Sequence) and all(isinstance(q, str) for q in queries)
+        if mode != "dense" and not texts:
             raise invalid("query", f"{mode} search needs query text, not vectors")
+        if vectors is not None and not texts:
+            raise invalid("vectors", "go with query texts (their dense side); give vectors as the queries instead")
+        if vectors is not None and len(vectors) != len(queries):
+            raise invalid("vectors", f"one per query: {len(queries)} queries, {len(vectors)} vectors")
         depth = k if mode == "dense" else max(k, FUSION_DEPTH)
         with self._lock.read():
             allowed = self.metadata.evaluate(filter)
         dense: list[list[tuple[str, float]]] | None = None
         lexical: list[list[tuple[str, float]]] | None = None
         if mode != "lexical":
-            vectors = self.embed_queries(queries, model)
+            query_vectors = self.embed_queries(queries if vectors is None else vectors, model)
             with self._lock.read():
-                scores, rows = self.search_vectors(vectors, depth, allowed, rescore_candidates, nprobe)
+                scores, rows = self.search_vectors(query_vectors, depth, allowed, rescore_candidates, nprobe)
                 dense = [[(self._ids[r], s) for r, s in zip(row, row_scores, strict=True) if r >= 0]
                          for row, row_scores in zip(rows.tolist(), scores.tolist(), strict=True)]
         if mode != "dense":
             lexical = [self._lexical_top(str(q), depth, allowed) for q in queries]
-        ranked = [_fuse(dense[i] if dense else None, lexical[i] if lexical else None, mode, fusion, rrf_k, alpha, k)
+        ranked = [fuse(dense[i] if dense else None, lexical[i] if lexical else None, mode, fusion, rrf_k, alpha, k)
                   for i in range(len(queries))]
         flat_ids = sorted({hit.id for row in ranked for hit in row})
         docs = dict(zip(flat_ids, self.store.get_documents([i.encode() for i in flat_ids]), strict=True))

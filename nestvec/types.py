@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 JSONDict = dict[str, Any]
+
+
+class SearchOptions(TypedDict, total=False):
+    """Search knobs every transport takes, as keywords (Collection.search_batch says what each does)."""
+
+    model: str | None
+    rescore_candidates: int | None
+    nprobe: int | None
+    mode: str
+    fusion: str
+    rrf_k: int
+    alpha: float
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ def test_each_mode_finds_the_document_a_passage_came_from(
             top = hybrid[0]
             assert top.id == ids[i] and top.dense_rank == 1 and top.lexical_rank == 1
             assert [h.score for h in hybrid] == sorted((h.score for h in hybrid), reverse=True)
-        rrf = col.search(query, k=5, mode="hybrid", rrf_k=60)[0]
+        rrf = col.search(query, k=5, mode="hybrid", fusion="rrf", rrf_k=60)[0]
         assert rrf.score == pytest.approx(2 / 61)
         dense = col.search(query, k=5)
         assert dense[0].id == ids[i] and dense[0].lexical_rank is None
@@ -95,7 +95,8 @@ def test_reopen_and_a_crash_between_the_two_commits(
     assert reopened.store.meta_items(b"lexical_log/") == []
 
 
-@pytest.mark.parametrize("query", ['"unclosed', "title:(a OR b", "AND OR NOT", "cell* ~2 ^3 [x TO y]", "a:b:c"])
+@pytest.mark.parametrize("query", ['"unclosed', "title:(a OR b", "AND OR NOT", "cell* ~2 ^3 [x TO y]", "a:b:c",
+                                   "CRF01_1b2k protein", "naïve café-au-lait ﬁbre क़िला"])
 def test_query_syntax_is_searched_as_plain_words(
         tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray], query: str) -> None:
     col = _collection(tmp_path, scifact)
@@ -213,3 +214,27 @@ def test_killed_writers_leave_both_stores_agreeing(tmp_path: Path, scifact: tupl
         nestvec.connect(tmp_path / "data").close()
         col.close()
         expected_present, expected_absent = vector_ids, expected_absent - vector_ids
+
+
+def test_hybrid_takes_the_callers_query_vectors(tmp_path: Path, scifact: tuple[list[str], list[str], np.ndarray],
+                                                ) -> None:
+    """A collection of caller-made vectors (no encoder) searched in hybrid mode: the caller gives
+    each query's text for BM25 and its vector for the dense side. The default fusion is weighted 0.5."""
+    ids, texts, vectors = scifact
+    col = nestvec.connect(tmp_path).create_collection("v", encoder=None, dim=384, codec="int8")
+    col.upsert(ids, vectors=vectors, texts=texts)
+    queries = [texts[i][:60] for i in (3, 77, 250)]
+    given = col.search_batch(queries, k=5, vectors=vectors[[3, 77, 250]], mode="hybrid")
+    assert [row[0].id for row in given] == [ids[3], ids[77], ids[250]]
+    assert all(row[0].dense_rank == 1 and row[0].lexical_rank == 1 for row in given)
+    explicit = col.search_batch(queries, k=5, vectors=vectors[[3, 77, 250]], mode="hybrid", fusion="weighted",
+                                alpha=0.5)
+    assert [[(h.id, h.score) for h in row] for row in given] == [[(h.id, h.score) for h in row] for row in explicit]
+    assert [(h.id, h.score) for h in col.search(queries[0], k=5, vector=vectors[3], mode="hybrid")] == \
+        [(h.id, h.score) for h in given[0]]
+    with pytest.raises(InvalidArgumentError, match="vectors"):
+        col.search_batch(queries, k=5, vectors=vectors[:2], mode="hybrid")
+    with pytest.raises(InvalidArgumentError, match="vectors"):
+        col.search_batch(vectors[:3], k=5, vectors=vectors[:3])
+    with pytest.raises(InvalidArgumentError, match="queries"):
+        col.search_batch([], k=5, mode="lexical")

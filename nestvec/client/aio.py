@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 
 import numpy as np
 
 from nestvec.client.base import ClientBase, CollectionHandle
-from nestvec.types import Hit, JSONDict, Record
+from nestvec.types import Hit, JSONDict, Record, SearchOptions
 
 T = TypeVar("T")
 
@@ -49,13 +49,15 @@ class AsyncCollection:
     async def jobs(self) -> dict[str, JSONDict]:
         return await _run(self.sync.jobs)
 
-    async def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
-                     filter: JSONDict | None = None) -> list[Hit]:
-        return await _run(self.sync.search, query, k, filter)
+    async def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10, filter: JSONDict | None = None,
+                     *, vector: Sequence[float] | np.ndarray | None = None,
+                     **options: Unpack[SearchOptions]) -> list[Hit]:
+        return await _run(self.sync.search, query, k, filter, vector=vector, **options)
 
-    async def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10,
-                           filter: JSONDict | None = None) -> list[list[Hit]]:
-        return await _run(self.sync.search_batch, queries, k, filter)
+    async def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10, filter: JSONDict | None = None,
+                           *, vectors: np.ndarray | Sequence[Sequence[float]] | None = None,
+                           **options: Unpack[SearchOptions]) -> list[list[Hit]]:
+        return await _run(self.sync.search_batch, queries, k, filter, vectors=vectors, **options)
 
     async def info(self) -> JSONDict:
         return await _run(self.sync.info)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, Unpack
 
 import numpy as np
 
-from nestvec.types import Hit, JSONDict, Record, UpsertBatch
+from nestvec.types import Hit, JSONDict, Record, SearchOptions, UpsertBatch
 
 
 class CollectionHandle(Protocol):
@@ -27,11 +27,13 @@ class CollectionHandle(Protocol):
 
     def count(self) -> int: ...
 
-    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10,
-               filter: JSONDict | None = None, *, nprobe: int | None = None) -> list[Hit]: ...
+    def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10, filter: JSONDict | None = None, *,
+               vector: Sequence[float] | np.ndarray | None = None,
+               **options: Unpack[SearchOptions]) -> list[Hit]: ...
 
-    def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10,
-                     filter: JSONDict | None = None, *, nprobe: int | None = None) -> list[list[Hit]]: ...
+    def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10, filter: JSONDict | None = None, *,
+                     vectors: np.ndarray | Sequence[Sequence[float]] | None = None,
+                     **options: Unpack[SearchOptions]) -> list[list[Hit]]: ...
 
     def info(self) -> JSONDict: ...
 

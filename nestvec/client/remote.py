@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, Unpack
 from urllib.parse import urlparse
 
 import grpc
@@ -16,7 +16,7 @@ import numpy as np
 from nestvec import errors
 from nestvec.client.base import ClientBase
 from nestvec.errors import NestvecError, invalid
-from nestvec.types import Hit, JSONDict, Record, UpsertBatch
+from nestvec.types import Hit, JSONDict, Record, SearchOptions, UpsertBatch
 from nestvec.wire import convert
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2_grpc as pb_grpc
@@ -141,26 +141,31 @@ class RemoteCollection:
         return int(self._client._call(self._client.points.Count, pb.CountRequest(collection=self._name)).count)
 
     def search(self, query: str | Sequence[float] | np.ndarray, k: int = 10, filter: JSONDict | None = None, *,
-               model: str | None = None, rescore_candidates: int | None = None,
-               nprobe: int | None = None) -> list[Hit]:
+               vector: Sequence[float] | np.ndarray | None = None, **options: Unpack[SearchOptions]) -> list[Hit]:
         request = pb.SearchRequest(collection=self._name, k=self._check_k(k), filter_json=_filter_json(filter),
-                                   model=model or "", params=_params(rescore_candidates, nprobe))
+                                   model=options.get("model") or "", params=convert.to_pb_params(options))
         if isinstance(query, str):
             request.text = query
         else:
             request.vector.CopyFrom(convert.to_pb_vectors(np.asarray(query, dtype=np.float32)[None, :]))
+        if vector is not None:
+            request.text_vector.CopyFrom(convert.to_pb_vectors(np.asarray(vector, dtype=np.float32)[None, :]))
         reply = self._client._call(self._client.points.Search, request)
         return [convert.from_pb_hit(h) for h in reply.hits]
 
     def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10, filter: JSONDict | None = None, *,
-                     model: str | None = None, rescore_candidates: int | None = None,
-                     nprobe: int | None = None) -> list[list[Hit]]:
+                     vectors: np.ndarray | Sequence[Sequence[float]] | None = None,
+                     **options: Unpack[SearchOptions]) -> list[list[Hit]]:
         request = pb.SearchBatchRequest(collection=self._name, k=self._check_k(k), filter_json=_filter_json(filter),
-                                        model=model or "", params=_params(rescore_candidates, nprobe))
+                                        model=options.get("model") or "", params=convert.to_pb_params(options))
         if len(queries) and all(isinstance(q, str) for q in queries):
             request.texts.extend([str(q) for q in queries])
         elif len(queries):
             request.vectors.CopyFrom(convert.to_pb_vectors(queries))
+        if vectors is not None:
+            if not request.texts:
+                raise invalid("vectors", "go with query texts (their dense side); give vectors as the queries instead")
+            request.vectors.CopyFrom(convert.to_pb_vectors(vectors))
         reply = self._client._call(self._client.points.SearchBatch, request)
         return [[convert.from_pb_hit(h) for h in result.hits] for result in reply.results]
 
@@ -177,13 +182,6 @@ class RemoteCollection:
     def jobs(self) -> dict[str, JSONDict]:
         jobs: dict[str, JSONDict] = self.info().get("jobs", {})
         return jobs
-
-
-def _params(rescore_candidates: int | None, nprobe: int | None) -> pb.SearchParams:
-    # proto fields are unsigned: catch what cannot be sent; the server checks the range.
-    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or nprobe < 0):
-        raise invalid("nprobe", f"must be an integer between 1 and 65536, got {nprobe!r}")
-    return pb.SearchParams(rescore_candidates=rescore_candidates or 0, nprobe=int(min(nprobe or 0, 2**32 - 1)))
 
 
 def _filter_json(flt: JSONDict | None) -> str:

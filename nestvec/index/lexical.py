@@ -18,7 +18,9 @@ import tantivy
 from nestvec.concurrency import PerPath
 
 _APPLIED = "\x00applied"  # the id of the document holding the applied sequence number
-_WORD = re.compile(r"\w+")
+# Runs of letters and digits: the tokenizer splits words at anything else (an underscore too), and
+# a query word it splits in two would become a phrase query, which this index (no positions) refuses.
+_WORD = re.compile(r"[^\W_]+")
 WRITER_HEAP = 32_000_000
 
 

@@ -7,6 +7,10 @@ created lazily on the first write; until then the store simply reads as empty.
 Scores are nestvec's: cosine similarity in [-1, 1], higher is better (vectors are L2-normalised on
 insert). `similarity_search_with_relevance_scores` maps them linearly onto [0, 1].
 
+`mode="hybrid"` (on the store, or per search: `similarity_search(q, mode="hybrid")`, or a retriever's
+`search_kwargs`) fuses BM25 over the stored texts with the dense side, which the store's embedding
+function makes; `mode="lexical"` needs no embedding at all.
+
 This module needs the `langchain` extra (`pip install nestvec[langchain]`); nothing else in nestvec
 imports it.
 """
@@ -29,7 +33,8 @@ import nestvec
 from nestvec.client.base import ClientBase, CollectionHandle
 from nestvec.errors import InvalidArgumentError, NotFoundError
 from nestvec.index.filters import OPERATORS
-from nestvec.types import Hit, JSONDict, Record
+from nestvec.index.fusion import DEFAULT_ALPHA, DEFAULT_FUSION, DEFAULT_MODE, DEFAULT_RRF_K, check_fusion
+from nestvec.types import Hit, JSONDict, Record, SearchOptions
 
 __all__ = ["DEFAULT_CODEC", "DEFAULT_COLLECTION", "NestvecVectorStore"]
 
@@ -39,6 +44,7 @@ DEFAULT_COLLECTION = "langchain"
 DEFAULT_CODEC = "fp32"
 
 T = TypeVar("T")
+SEARCH_KEYWORDS = ("mode", "fusion", "rrf_k", "alpha", "nprobe")
 
 
 def _cosine_relevance(score: float) -> float:
@@ -86,6 +92,20 @@ def _drop_absent_fields(spec: JSONDict, fields: set[str]) -> JSONDict | None:
     return out
 
 
+def _relevance(options: SearchOptions) -> Callable[[float], float]:
+    """Dense: cosine mapped linearly; weighted fusion is already in [0, 1]; RRF divided by its
+    largest possible value (first on both sides); BM25, unbounded, squashed by s / (1 + s)."""
+    mode, fusion = options.get("mode", "dense"), options.get("fusion", DEFAULT_FUSION)
+    if mode == "dense":
+        return _cosine_relevance
+    if mode == "lexical":
+        return lambda score: score / (1.0 + score)
+    if fusion == "rrf":
+        best = 2.0 / (options.get("rrf_k", DEFAULT_RRF_K) + 1)
+        return lambda score: min(1.0, score / best)
+    return lambda score: min(1.0, max(0.0, score))
+
+
 def _document(item: Hit | Record) -> Document:
     return Document(id=item.id, page_content=item.text or "", metadata=dict(item.metadata))
 
@@ -108,7 +128,9 @@ class NestvecVectorStore(VectorStore):
     """
 
     def __init__(self, client: ClientBase, collection_name: str, embedding: Embeddings, *,
-                 codec: str = DEFAULT_CODEC, owns_client: bool = False) -> None:
+                 codec: str = DEFAULT_CODEC, mode: str = DEFAULT_MODE, owns_client: bool = False) -> None:
+        check_fusion(mode, DEFAULT_FUSION, DEFAULT_RRF_K, DEFAULT_ALPHA)
+        self.mode = mode  # the default search mode: "dense", "lexical" or "hybrid"
         self.client = client
         self.collection_name = collection_name
         self.codec = codec
@@ -218,9 +240,10 @@ class NestvecVectorStore(VectorStore):
         records: list[Record | None] = self._read(lambda h: h.get(unique), [])
         return [_document(r) for r in records if r is not None]
 
-    def _search(self, handle: CollectionHandle, vector: np.ndarray, k: int, flt: JSONDict | None) -> list[Hit]:
+    def _search(self, handle: CollectionHandle, query: str | np.ndarray, vector: np.ndarray | None, k: int,
+                flt: JSONDict | None, options: SearchOptions) -> list[Hit]:
         try:
-            return handle.search(vector, k=k, filter=flt)
+            return handle.search(query, k=k, filter=flt, vector=vector, **options)
         except InvalidArgumentError:
             if not isinstance(flt, dict):
                 raise
@@ -230,27 +253,56 @@ class NestvecVectorStore(VectorStore):
                 return []
             if resolved == flt:  # the error was about something else
                 raise
-            return handle.search(vector, k=k, filter=resolved)
+            return handle.search(query, k=k, filter=resolved, vector=vector, **options)
+
+    def _options(self, kwargs: dict[str, Any]) -> SearchOptions:
+        """The store's search settings, overridden per call by `mode=`, `fusion=`, `alpha=`,
+        `rrf_k=` or `nprobe=` (so `as_retriever(search_kwargs={"mode": "hybrid"})` works)."""
+        options = SearchOptions(mode=self.mode)
+        for key in SEARCH_KEYWORDS:
+            if key in kwargs:
+                options[key] = kwargs.pop(key)  # type: ignore[literal-required]
+        _reject_extra(kwargs)
+        return options
+
+    def _hits(self, text: str | None, embedding: Sequence[float] | None, k: int, flt: JSONDict | None,
+              options: SearchOptions) -> list[Hit]:
+        mode = options.get("mode", "dense")
+        vector = None if embedding is None else np.asarray(embedding, dtype=np.float32)
+        if mode == "dense":
+            assert vector is not None
+            return self._read(lambda h: self._search(h, vector, None, k, flt, options), [])
+        if text is None:
+            raise ValueError(f"mode={mode!r} needs the query text: call similarity_search, not ..._by_vector")
+        return self._read(lambda h: self._search(h, text, vector, k, flt, options), [])
 
     def similarity_search_with_score_by_vector(self, embedding: Sequence[float], k: int = 4,
                                                filter: JSONDict | None = None,
                                                **kwargs: Any) -> list[tuple[Document, float]]:
         """Top-k (document, cosine similarity) pairs, best first; `filter` is a nestvec (Mongo-style) filter."""
-        _reject_extra(kwargs)
-        vector = np.asarray(embedding, dtype=np.float32)
-        hits: list[Hit] = self._read(lambda h: self._search(h, vector, k, filter), [])
+        hits = self._hits(None, embedding, k, filter, self._options(kwargs))
         return [(_document(hit), hit.score) for hit in hits]
 
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4, **kwargs: Any) -> list[Document]:
         return [doc for doc, _ in self.similarity_search_with_score_by_vector(embedding, k, **kwargs)]
 
-    def similarity_search_with_score(self, query: str, k: int = 4,
+    def similarity_search_with_score(self, query: str, k: int = 4, filter: JSONDict | None = None,
                                      **kwargs: Any) -> list[tuple[Document, float]]:
-        """Scores are cosine similarities in [-1, 1] (higher is better), not distances."""
-        return self.similarity_search_with_score_by_vector(self._embedding.embed_query(query), k, **kwargs)
+        """Scores: cosine similarity in [-1, 1] in dense mode, BM25 in lexical mode, the fused score
+        in hybrid mode (weighted: [0, 1]); higher is better."""
+        options = self._options(kwargs)
+        embedding = None if options.get("mode") == "lexical" else self._embedding.embed_query(query)
+        return [(_document(hit), hit.score) for hit in self._hits(query, embedding, k, filter, options)]
 
     def similarity_search(self, query: str, k: int = 4, **kwargs: Any) -> list[Document]:
         return [doc for doc, _ in self.similarity_search_with_score(query, k, **kwargs)]
+
+    def _similarity_search_with_relevance_scores(self, query: str, k: int = 4,
+                                                 **kwargs: Any) -> list[tuple[Document, float]]:
+        """Each mode's score mapped onto [0, 1], higher is better (see `_relevance`)."""
+        options = self._options(dict(kwargs))
+        relevance = _relevance(options)
+        return [(doc, relevance(score)) for doc, score in self.similarity_search_with_score(query, k, **kwargs)]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return _cosine_relevance
@@ -260,7 +312,7 @@ class NestvecVectorStore(VectorStore):
     def from_texts(cls, texts: list[str], embedding: Embeddings, metadatas: list[dict[str, Any]] | None = None,
                    *, ids: list[str] | None = None, client: ClientBase | None = None,
                    target: str | os.PathLike[str] | None = None, collection_name: str = DEFAULT_COLLECTION,
-                   codec: str = DEFAULT_CODEC, **kwargs: Any) -> Self:
+                   codec: str = DEFAULT_CODEC, mode: str = DEFAULT_MODE, **kwargs: Any) -> Self:
         """A store filled with `texts`, on `client` or on `nestvec.connect(target, **kwargs)` (then owned).
 
         Extra keyword arguments go to `connect` (e.g. `api_key=` for a grpc:// target).
@@ -273,7 +325,7 @@ class NestvecVectorStore(VectorStore):
             client = nestvec.connect(target, **kwargs)
         else:
             _reject_extra(kwargs)
-        store = cls(client, collection_name, embedding, codec=codec, owns_client=owns)
+        store = cls(client, collection_name, embedding, codec=codec, mode=mode, owns_client=owns)
         try:
             store.add_texts(texts, metadatas, ids=ids)
         except BaseException:

@@ -23,6 +23,7 @@ from nestvec.catalog import DEFAULT_CODEC, Catalog
 from nestvec.collection import Collection, check_nprobe
 from nestvec.encoders import BUNDLED_MODEL
 from nestvec.errors import NestvecError, ResourceExhaustedError, invalid
+from nestvec.index.fusion import check_fusion
 from nestvec.service.coalesce import SearchCoalescer
 from nestvec.service.interceptors import AuthInterceptor, MethodStats, StatsInterceptor
 from nestvec.types import Hit
@@ -156,14 +157,14 @@ class PointsService(pb_grpc.PointsServicer):
     def Count(self, request: pb.CountRequest, context: grpc.ServicerContext) -> pb.CountResponse:
         return pb.CountResponse(count=self.catalog.get_collection(request.collection).count())
 
-    def _search(self, collection_name: str, queries: Sequence[str] | Any, k: int, filter_json: str,
-                params: pb.SearchParams, model: str) -> list[list[Hit]]:
-        collection = self.catalog.get_collection(collection_name)
+    def _search(self, collection: Collection, queries: Sequence[str] | Any, k: int, filter_json: str,
+                params: pb.SearchParams, model: str, vectors: Any = None) -> list[list[Hit]]:
         flt = convert.from_json(filter_json, "filter")
         k = _k(k)
+        options = convert.from_pb_params(params)
+        options["model"] = model or None
         results: list[list[Hit]] = self._searches.run_alone(lambda: collection.search_batch(
-            queries, k, flt, model=model or None, rescore_candidates=params.rescore_candidates or None,
-            nprobe=params.nprobe or None))
+            queries, k, flt, vectors=vectors, **options))
         return results
 
     @rpc
@@ -171,20 +172,33 @@ class PointsService(pb_grpc.PointsServicer):
         which = request.WhichOneof("query")
         if which is None:
             raise invalid("query", "give text or vector")
+        text_vector = None
         if which == "vector":
             query: Any = convert.from_pb_vectors(request.vector, "vector")
             if len(query) != 1:
                 raise invalid("vector", f"must hold exactly one row, got {len(query)}")
+            if request.HasField("text_vector"):
+                raise invalid("text_vector", "goes with a text query, not a vector one")
         else:
             query = [request.text]
+            if request.HasField("text_vector"):
+                text_vector = convert.from_pb_vectors(request.text_vector, "text_vector")
+                if len(text_vector) != 1:
+                    raise invalid("text_vector", f"must hold exactly one row, got {len(text_vector)}")
+        collection = self.catalog.get_collection(request.collection)
+        options = convert.from_pb_params(request.params)
+        if options["mode"] != "dense":  # needs the text: searched on its own, not coalesced
+            hits = self._search(collection, query, request.k, request.filter_json, request.params, request.model,
+                                text_vector)[0]
+            return pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits])
         # What can be wrong with one request alone is checked here, before it can share a turn:
         # the query (dimension, NaN, model; texts are encoded), k, nprobe. The filter is part of the
         # turn's key, so a bad filter fails only the requests that sent that same filter.
-        collection = self.catalog.get_collection(request.collection)
-        k, nprobe = _k(request.k), check_nprobe(request.params.nprobe or None)
-        rescore = request.params.rescore_candidates or None
+        k, nprobe = _k(request.k), check_nprobe(options["nprobe"])
+        check_fusion(options["mode"], options["fusion"], options["rrf_k"], options["alpha"])
+        rescore = options["rescore_candidates"]
         flt = convert.from_json(request.filter_json, "filter")
-        vector = collection.embed_queries(query, request.model or None)
+        vector = collection.embed_queries(query if text_vector is None else text_vector, request.model or None)
         key = (id(collection), k, request.filter_json, rescore, nprobe)
         hits = self._searches.search(key, vector[0], lambda vectors: collection.search_batch(
             vectors, k, flt, rescore_candidates=rescore, nprobe=nprobe))
@@ -192,14 +206,13 @@ class PointsService(pb_grpc.PointsServicer):
 
     @rpc
     def SearchBatch(self, request: pb.SearchBatchRequest, context: grpc.ServicerContext) -> pb.SearchBatchResponse:
-        if request.texts and request.HasField("vectors"):
-            raise invalid("texts", "give texts or vectors, not both")
-        queries: Any = list(request.texts) if request.texts else (
-            convert.from_pb_vectors(request.vectors) if request.HasField("vectors") else [])
-        if not len(queries):
+        vectors: Any = convert.from_pb_vectors(request.vectors) if request.HasField("vectors") else None
+        queries: Any = list(request.texts) if request.texts else vectors
+        if queries is None or not len(queries):
             raise invalid("queries", "empty batch")
-        results = self._search(request.collection, queries, request.k, request.filter_json, request.params,
-                               request.model)
+        results = self._search(self.catalog.get_collection(request.collection), queries, request.k,
+                               request.filter_json, request.params, request.model,
+                               vectors if request.texts else None)
         return pb.SearchBatchResponse(results=[pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits])
                                                for hits in results])
 

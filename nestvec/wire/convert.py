@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from nestvec.errors import invalid
-from nestvec.types import Hit, JSONDict, Record
+from nestvec.index.fusion import DEFAULT_ALPHA, DEFAULT_FUSION, DEFAULT_MODE, DEFAULT_RRF_K, check_fusion
+from nestvec.types import Hit, JSONDict, Record, SearchOptions
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
 
 
@@ -64,9 +65,36 @@ def to_pb_hit(hit: Hit) -> pb.Hit:
     message = pb.Hit(id=hit.id, score=hit.score, metadata_json=to_json(hit.metadata))
     if hit.text is not None:
         message.text = hit.text
+    for name in _SIDE_FIELDS:
+        if (value := getattr(hit, name)) is not None:
+            setattr(message, name, value)
     return message
 
 
 def from_pb_hit(message: pb.Hit) -> Hit:
+    sides = {name: getattr(message, name) if message.HasField(name) else None for name in _SIDE_FIELDS}
     return Hit(message.id, float(message.score), message.text if message.HasField("text") else None,
-               from_json_object(message.metadata_json, "hit.metadata_json"))
+               from_json_object(message.metadata_json, "hit.metadata_json"), **sides)
+
+
+_SIDE_FIELDS = ("dense_score", "dense_rank", "lexical_score", "lexical_rank")
+
+
+def to_pb_params(options: SearchOptions) -> pb.SearchParams:
+    """Checked here what the wire cannot carry (unsigned fields, 0 meaning "default"), with the
+    embedded client's errors; the server checks the rest."""
+    nprobe, rescore = options.get("nprobe"), options.get("rescore_candidates")
+    if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or nprobe < 0):
+        raise invalid("nprobe", f"must be an integer between 1 and 65536, got {nprobe!r}")
+    mode, fusion = options.get("mode", DEFAULT_MODE), options.get("fusion", DEFAULT_FUSION)
+    rrf_k, alpha = options.get("rrf_k", DEFAULT_RRF_K), options.get("alpha", DEFAULT_ALPHA)
+    check_fusion(mode, fusion, rrf_k, alpha)
+    return pb.SearchParams(rescore_candidates=rescore or 0, nprobe=int(min(nprobe or 0, 2**32 - 1)), mode=mode,
+                           fusion=fusion, rrf_k=int(min(rrf_k, 2**32 - 1)), alpha=float(alpha))
+
+
+def from_pb_params(params: pb.SearchParams) -> SearchOptions:
+    return SearchOptions(rescore_candidates=params.rescore_candidates or None, nprobe=params.nprobe or None,
+                         mode=params.mode or DEFAULT_MODE, fusion=params.fusion or DEFAULT_FUSION,
+                         rrf_k=params.rrf_k or DEFAULT_RRF_K,
+                         alpha=params.alpha if params.HasField("alpha") else DEFAULT_ALPHA)

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
@@ -14,7 +15,9 @@ from langchain_tests.integration_tests import VectorStoreIntegrationTests
 import nestvec
 from nestvec.client.base import ClientBase
 from nestvec.client.remote import RemoteClient
+from nestvec.datasets import iter_corpus
 from nestvec.integrations.langchain import NestvecVectorStore
+from realdata import DATA, shipped_embeddings
 
 # The standard suite's async tests carry no asyncio mark and pytest-asyncio (strict mode) runs only
 # marked coroutines; marking the whole class makes it warn once per sync test, which we silence.
@@ -145,3 +148,56 @@ def test_from_texts_opens_and_owns_its_client(transport: str, request: pytest.Fi
     finally:
         vs.delete_collection()
         vs.close()
+
+
+class ShippedEmbeddings(Embeddings):
+    """SciFact's shipped MiniLM vectors: a document's, and for a query taken from a document, that document's."""
+
+    def __init__(self, texts: list[str], vectors: np.ndarray) -> None:
+        self.by_prefix = {t[:60]: v for t, v in zip(texts, vectors, strict=True)}
+        self.query_calls = 0
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return [self.by_prefix[t[:60]].tolist() for t in texts]
+
+    def embed_query(self, text: str) -> list[float]:
+        self.query_calls += 1
+        return self.by_prefix[text[:60]].tolist()
+
+
+@pytest.mark.parametrize("transport", ["embedded", "remote"])
+def test_hybrid_and_lexical_modes_through_the_store(transport: str, request: pytest.FixtureRequest,
+                                                    local_root: Path) -> None:
+    ids, vectors = shipped_embeddings("scifact")
+    corpus = {d.id: d.text for d in iter_corpus(DATA / "scifact" / "corpus.jsonl")}
+    texts = [corpus[i] for i in ids[:200]]
+    embeddings = ShippedEmbeddings(texts, vectors[:200])
+    client: ClientBase = nestvec.connect(local_root) if transport == "embedded" else \
+        request.getfixturevalue("remote_client")
+    store = NestvecVectorStore(client, f"lc-{uuid.uuid4().hex}", embeddings, mode="hybrid")
+    try:
+        store.add_texts(texts, [{"half": i % 2} for i in range(200)], ids=ids[:200])
+        query = texts[11][:60]
+        hybrid = store.similarity_search_with_score(query, k=3)
+        assert hybrid[0][0].id == ids[11] and hybrid[0][1] == pytest.approx(1.0)  # first on both sides
+        relevance = store.similarity_search_with_relevance_scores(query, k=3, fusion="rrf")
+        assert relevance[0][0].id == ids[11] and relevance[0][1] == pytest.approx(1.0)
+        assert all(0.0 <= s <= 1.0 for _, s in relevance)
+        before = embeddings.query_calls
+        lexical = store.similarity_search(query, k=3, mode="lexical", filter={"half": 1})
+        assert lexical[0].id == ids[11] and embeddings.query_calls == before  # BM25 alone embeds nothing
+        assert next(d.id for d in store.similarity_search(query, k=3, mode="lexical", filter={"half": 0})) != ids[11]
+        retriever = store.as_retriever(search_kwargs={"k": 2, "mode": "hybrid", "alpha": 0.3})
+        assert retriever.invoke(texts[12][:60])[0].id == ids[12]
+        dense = store.similarity_search_by_vector(vectors[13].tolist(), k=1, mode="dense")
+        assert dense[0].id == ids[13]
+        with pytest.raises(ValueError, match="query text"):
+            store.similarity_search_by_vector(vectors[13].tolist(), k=1)  # the store's mode is hybrid
+        with pytest.raises(nestvec.InvalidArgumentError, match="alpha"):
+            store.similarity_search(query, k=1, alpha=2.0)
+        with pytest.raises(TypeError, match="alfa"):
+            store.similarity_search(query, k=1, alfa=0.2)
+    finally:
+        store.delete_collection()
+        if transport == "embedded":
+            client.close()

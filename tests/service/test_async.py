@@ -24,6 +24,8 @@ async def _exercise(target: str, **kwargs: object) -> None:
         assert [hits[0].id for hits in results] == IDS[:20]
         batch = await col.search_batch(VECTORS[:4], k=2)
         assert [hits[0].id for hits in batch] == IDS[:4]
+        hybrid = await col.search("cells", k=2, vector=VECTORS[1], mode="hybrid", fusion="rrf")
+        assert hybrid[0].id == IDS[1] and hybrid[0].dense_rank == 1 and hybrid[0].lexical_rank is None  # no texts
         assert await col.count() == 1200 and (await col.get([IDS[0]]))[0] is not None
         assert await col.delete([IDS[0]]) == 1
         with pytest.raises(InvalidArgumentError, match="k"):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from nestvec.client.base import ClientBase
+from nestvec.datasets import iter_corpus
 from nestvec.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
-from realdata import shipped_embeddings
+from realdata import DATA, shipped_embeddings
 
 IDS, VECTORS = shipped_embeddings("scifact")
 
@@ -94,3 +95,39 @@ def test_index_choice_travels(any_client: ClientBase) -> None:
     with pytest.raises(InvalidArgumentError) as err:
         any_client.create_collection("other", encoder=None, dim=384, index="hnsw")
     assert err.value.field == "index"
+
+
+def test_lexical_and_hybrid_search_over_both_transports(any_client: ClientBase) -> None:
+    """Real SciFact texts with their shipped vectors: each mode, the component scores and ranks,
+    a filter on both sides, and the same errors embedded and over gRPC."""
+    texts = {d.id: d.text for d in iter_corpus(DATA / "scifact" / "corpus.jsonl")}
+    n = 300
+    col = any_client.create_collection("hyb", encoder=None, dim=384, codec="int8")
+    col.upsert(IDS[:n], vectors=VECTORS[:n], texts=[texts[i] for i in IDS[:n]],
+               metadata=[{"even": i % 2 == 0} for i in range(n)])
+    query, vector = texts[IDS[7]][:80], VECTORS[7]
+    lexical = col.search(query, k=5, mode="lexical")
+    assert lexical[0].id == IDS[7] and lexical[0].lexical_rank == 1 and lexical[0].dense_rank is None
+    assert lexical[0].score == pytest.approx(lexical[0].lexical_score)
+    hybrid = col.search(query, k=5, vector=vector, mode="hybrid")
+    top = hybrid[0]
+    assert top.id == IDS[7] and top.dense_rank == 1 and top.lexical_rank == 1 and top.score == pytest.approx(1.0)
+    assert top.dense_score == pytest.approx(1.0, abs=0.02) and top.lexical_score > 0
+    rrf = col.search(query, k=5, vector=vector, mode="hybrid", fusion="rrf", rrf_k=10)
+    assert rrf[0].id == IDS[7] and rrf[0].score == pytest.approx(2 / 11)
+    even = col.search_batch([query, texts[IDS[8]][:80]], k=5, vectors=VECTORS[7:9], filter={"even": True},
+                            mode="hybrid", alpha=0.3)
+    assert [len(row) for row in even] == [5, 5] and even[1][0].id == IDS[8]
+    assert all(h.metadata["even"] for row in even for h in row) and IDS[7] not in [h.id for h in even[0]]
+    dense = col.search(vector, k=3)
+    assert dense[0].id == IDS[7] and dense[0].lexical_rank is None
+    for kwargs, field in [({"mode": "sparse"}, "mode"), ({"mode": "hybrid", "fusion": "max"}, "fusion"),
+                          ({"mode": "hybrid", "alpha": 1.5}, "alpha"), ({"mode": "hybrid", "rrf_k": 0}, "rrf_k")]:
+        with pytest.raises(InvalidArgumentError, match=field):
+            col.search(query, k=3, vector=vector, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="query"):
+        col.search(vector, k=3, mode="lexical")
+    with pytest.raises(InvalidArgumentError, match="vectors"):
+        col.search_batch([query], k=3, vectors=VECTORS[:2], mode="hybrid")
+    assert len(col.search('AND ( title: "cell*', k=3, mode="lexical")) == 3  # searched as plain words
+    assert col.search("  ", k=3, mode="lexical") == []
