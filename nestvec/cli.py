@@ -96,7 +96,8 @@ def cmd_rag(args: argparse.Namespace) -> int:
     generator = load_generator(args.generator, model=args.model, context_tokens=args.context_tokens)
     rag = RAG(collection, generator, k=args.k, filter=json.loads(args.filter) if args.filter else None,
               max_new_tokens=args.max_new_tokens, nprobe=args.nprobe, **_mode_options(args))
-    answer = (rag.answer_iterative(args.question, stride=args.stride, speculative=not args.no_speculative)
+    answer = (rag.answer_iterative(args.question, stride=args.stride, speculative=not args.no_speculative,
+                                   policy=args.speculation)
               if args.iterative else rag.answer(args.question))
     if args.json:
         print(json.dumps(answer.to_json(), indent=2))
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterative", action="store_true", help="retrieve again every --stride generated tokens")
     p.add_argument("--stride", type=int, default=16)
     p.add_argument("--no-speculative", action="store_true", help="iterative: ask the store at every step")
+    p.add_argument("--speculation", choices=("auto", "always"), default="auto",
+                   help="iterative: speculate where the measured costs say it pays (auto) or at every step")
     p.add_argument("--url", default=None, help="a server (grpc://host:port) instead of the --data folder")
     p.add_argument("--api-key", default=os.environ.get("NESTVEC_API_KEY"))
     p.add_argument("--json", action="store_true", help="the answer, passages and timings as JSON")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import http.server
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ from nestvec.errors import InvalidArgumentError
 from nestvec.rag import RAG, OpenAIGenerator, TransformersGenerator
 from nestvec.rag.context import Passage, attributed, pack
 from nestvec.rag.generators import Draft, Generator, Prompt
+from nestvec.rag.iterative import LoopStats, SpeculationCosts, plain_loop, speculative_loop
 from realdata import DATA, shipped_embeddings
 
 N = 400
@@ -113,6 +115,16 @@ def test_citations_map_markers_to_passage_ids(scifact: Any) -> None:
     assert attributed("Completely unrelated words about nothing.", answer.passages) == []
 
 
+def test_overlap_credits_the_passage_a_sentence_copies_a_phrase_from() -> None:
+    """Seen with SmolLM2-135M on SciFact: the sentence copies a phrase of passage 5, but a long
+    passage on vitamin D in women holds more of its single words; word pairs pick the right one."""
+    docs = {d.id: d.text for d in iter_corpus(DATA / "scifact" / "corpus.jsonl")}
+    passages = [Passage(i, docs[i], 0.0) for i in ["4462079", "9555784", "23267371", "36960449", "11246427"]]
+    answer = ("The passage discusses the potential link between vitamin D supplementation and reduced fracture risk "
+              "in women with low bone density but no vertebral fractures.")
+    assert attributed(answer, passages) == ["11246427"]
+
+
 def test_iterative_citations_resolve_against_their_own_step(scifact: Any) -> None:
     rag = RAG(scifact, ScriptedGenerator("first [1] then more words here about cells [1]"), k=2, mode="lexical",
               max_new_tokens=16)
@@ -123,6 +135,25 @@ def test_iterative_citations_resolve_against_their_own_step(scifact: Any) -> Non
     assert set(answer.citations) == {first_step.passages[0].id, last_step.passages[0].id}
 
 
+def test_cached_continuation_matches_a_fresh_generator_and_survives_rollback(tiny_lm: TransformersGenerator) -> None:
+    """extend() reuses the attention cache of its last call; continuing, rolling back to a shorter
+    draft and switching prompts must each give what a generator without any cache computes."""
+    prompt = Prompt("Does vitamin D reduce fractures?", ("Vitamin D and calcium in elderly women.",))
+    other = Prompt("Does vitamin D reduce fractures?", ("Bone density after menopause.",))
+    first = tiny_lm.extend(prompt, Draft(), 6)
+    assert tiny_lm._cache is not None and tiny_lm._cache[0][-len(first.tokens):] == list(first.tokens)
+    cached_steps = [first, tiny_lm.extend(prompt, first, 6)]
+    rolled_back = tiny_lm.extend(prompt, Draft(first.tokens[:3], ""), 6)  # a draft shorter than the cache
+    switched = tiny_lm.extend(other, first, 6)                          # another prompt: its shared prefix only
+    fresh = tiny_llama()
+    assert fresh.extend(prompt, first, 6).tokens == cached_steps[1].tokens
+    fresh = tiny_llama()
+    assert fresh.extend(prompt, Draft(first.tokens[:3], ""), 6).tokens == rolled_back.tokens
+    fresh = tiny_llama()
+    assert fresh.extend(other, first, 6).tokens == switched.tokens
+    assert len(cached_steps[1].tokens) == 12 and rolled_back.tokens[:3] == first.tokens[:3]
+
+
 @pytest.mark.parametrize("overlap", [False, True])
 def test_speculative_retrieval_gives_the_plain_loops_output(scifact: Any, tiny_lm: TransformersGenerator,
                                                             overlap: bool) -> None:
@@ -130,7 +161,8 @@ def test_speculative_retrieval_gives_the_plain_loops_output(scifact: Any, tiny_l
     rolled_back = speculated = 0
     for question in QUESTIONS:
         plain = rag.answer_iterative(question, stride=4, query_words=3, speculative=False)
-        spec = rag.answer_iterative(question, stride=4, query_words=3, speculative=True, window=3, overlap=overlap)
+        spec = rag.answer_iterative(question, stride=4, query_words=3, speculative=True, window=3, overlap=overlap,
+                                    policy="always")
         assert plain.stats is not None and spec.stats is not None
         assert spec.text == plain.text and spec.text
         assert [[p.id for p in s.passages] for s in spec.stats.steps_log] == \
@@ -141,6 +173,66 @@ def test_speculative_retrieval_gives_the_plain_loops_output(scifact: Any, tiny_l
         speculated += spec.stats.speculated
     # both branches ran: some speculations held, some were wrong and rolled back
     assert rolled_back >= 1 and speculated > rolled_back
+
+
+def test_speculation_costs_weigh_store_latency_against_a_wasted_step() -> None:
+    costs = SpeculationCosts()
+    assert not costs.worth_speculating()  # nothing measured yet: wait for the store
+    costs.observe_store(0.200)
+    costs.observe_step(1.5)    # the first step: a whole prefill
+    costs.observe_step(0.100)  # a step that continued from the cache: what a wrong speculation wastes
+    assert costs.step_s == 0.100 and costs.hit_rate == 0.5
+    assert costs.worth_speculating()  # 0.5 * 0.2 > 0.5 * 0.1
+    costs.observe_waste(0.300)        # a wrong speculation threw away three steps
+    assert not costs.worth_speculating()
+    costs.observe_waste(0.100)
+    costs.observe_waste(0.100)
+    assert costs.miss_s is not None and costs.miss_s < 0.2 and costs.worth_speculating()
+    for _ in range(6):
+        costs.observe_outcome(False)
+    assert costs.hit_rate == 1 / 8 and not costs.worth_speculating()
+    for _ in range(30):
+        costs.observe_outcome(True)
+    assert costs.worth_speculating()
+    for _ in range(10):  # the store became fast: smoothed, it soon is not worth it
+        costs.observe_store(0.001)
+    assert not costs.worth_speculating()
+
+
+class _Slow(TransformersGenerator):
+    """The tiny LM made to cost `delay_s` a step, like a real model on a CPU."""
+
+    def __init__(self, inner: TransformersGenerator, delay_s: float) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.delay_s = delay_s
+
+    def extend(self, prompt: Prompt, draft: Draft, max_new_tokens: int) -> Draft:
+        time.sleep(self.delay_s)
+        return super().extend(prompt, draft, max_new_tokens)
+
+
+@pytest.mark.parametrize("slow", ["store", "generator"])
+def test_auto_policy_speculates_only_where_the_store_is_the_slow_side(scifact: Any, tiny_lm: TransformersGenerator,
+                                                                      slow: str) -> None:
+    rag = RAG(scifact, tiny_lm if slow == "store" else _Slow(tiny_lm, 0.05), k=2, max_new_tokens=40,
+              mode="lexical")
+
+    def retrieve(queries: Sequence[str]) -> list[list[Passage]]:
+        if slow == "store":
+            time.sleep(0.05)
+        return rag.retrieve_batch(queries)
+
+    def run(loop: Any, **kwargs: Any) -> tuple[Draft, LoopStats]:
+        return loop(QUESTIONS[0], retrieve, lambda p: rag._pack(QUESTIONS[0], p), rag.generator, stride=2,
+                    max_new_tokens=40, query_words=1, **kwargs)
+
+    plain, plain_stats = run(plain_loop)
+    spec, spec_stats = run(speculative_loop, policy="auto")
+    assert spec.text == plain.text
+    if slow == "store":  # a 50 ms store against millisecond steps: speculate, ask less often
+        assert spec_stats.speculated > 0 and spec_stats.store_calls < plain_stats.store_calls
+    else:                # a 50 ms step against a millisecond store: a wrong guess costs more than waiting
+        assert spec_stats.speculated == 0 and spec_stats.store_calls == plain_stats.store_calls
 
 
 def test_filters_and_search_options_reach_every_retrieval(scifact: Any, tiny_lm: TransformersGenerator) -> None:

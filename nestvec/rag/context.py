@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -81,16 +82,21 @@ def attributed(text: str, passages: Sequence[Passage]) -> list[str]:
     """Ids of the passages the answer's sentences draw on, by word overlap, first used first.
 
     Small local models (SmolLM2-135M) rarely write [n] markers even when told to, but they copy
-    from the passages: each sentence of four or more words is credited to the passage holding the
-    largest share (at least MIN_OVERLAP) of its words."""
-    vocab = [set(_TOKEN.findall(p.text.lower())) for p in passages]
+    from the passages: each sentence of four or more words is credited to the passage sharing the
+    most of its word pairs (copied phrases; a long passage holds many single words by chance), then
+    of its words, if that passage holds at least MIN_OVERLAP of its words."""
+    words_of = [_TOKEN.findall(p.text.lower()) for p in passages]
+    vocab = [set(words) for words in words_of]
+    pairs = [set(itertools.pairwise(words)) for words in words_of]
     found: dict[str, None] = {}
     for sentence in _SENTENCE.findall(text):
-        words = set(_TOKEN.findall(sentence.lower()))
+        sequence = _TOKEN.findall(sentence.lower())
+        words, bigrams = set(sequence), set(itertools.pairwise(sequence))
         if len(words) < 4 or not vocab:
             continue
         shares = [len(words & v) / len(words) for v in vocab]
-        best = max(range(len(shares)), key=lambda i: (shares[i], -i))
+        phrase = [len(bigrams & b) / max(1, len(bigrams)) for b in pairs]
+        best = max(range(len(shares)), key=lambda i: (phrase[i], shares[i], -i))
         if shares[best] >= MIN_OVERLAP:
             found[passages[best].id] = None
     return list(found)

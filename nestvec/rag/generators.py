@@ -15,10 +15,13 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from nestvec.errors import FailedPreconditionError, NotFoundError, invalid
 
@@ -94,6 +97,11 @@ class Generator(ABC):
     def generate(self, prompt: Prompt, max_new_tokens: int) -> str:
         return self.extend(prompt, Draft(), max_new_tokens).text
 
+    def reset(self) -> None:
+        """Forget state kept between calls (an attention cache): an answer that starts from a reset
+        makes the same computations however many answers came before it."""
+        return None  # stateless generators (HTTP endpoints) keep nothing
+
 
 class TransformersGenerator(Generator):
     """A causal LM and its tokenizer, from a local folder or passed in (tests build a tiny one)."""
@@ -105,6 +113,7 @@ class TransformersGenerator(Generator):
         self.context_tokens = min(context_tokens, int(limit))
         self.eos = {model.generation_config.eos_token_id, tokenizer.eos_token_id} - {None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        self._cache: tuple[list[int], Any] | None = None  # (token ids seen, their DynamicCache)
 
     @classmethod
     def from_path(cls, path: str | Path, *, context_tokens: int = DEFAULT_CONTEXT_TOKENS,
@@ -124,6 +133,9 @@ class TransformersGenerator(Generator):
         return cls(model, tokenizer, name=f"{folder.name}{'/' + ggufs[0].name if ggufs else ''}",
                    context_tokens=context_tokens)
 
+    def reset(self) -> None:
+        self._cache = None
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -142,14 +154,36 @@ class TransformersGenerator(Generator):
         return len(self._prompt_ids(prompt))
 
     def extend(self, prompt: Prompt, draft: Draft, max_new_tokens: int) -> Draft:
+        """Continues from the attention cache of the last call, cut back to the tokens this call
+        shares with it: iterative retrieval then pays prefill only from the first passage that
+        changed (from the draft's end when none did). What is kept and what is recomputed depends on
+        the two token sequences alone, and a speculative run's steps share with their predecessor
+        exactly what the plain run's share (a rolled-back step differs from the previous prompt at the
+        same token either way), so both make the same computations and the same greedy choices."""
         import torch
+        from transformers import DynamicCache
 
         if draft.finished or max_new_tokens <= 0:
             return draft
-        ids = torch.tensor([self._prompt_ids(prompt) + list(draft.tokens)], device=self.model.device)
-        with torch.inference_mode():
+        sequence = self._prompt_ids(prompt) + list(draft.tokens)
+        cache = DynamicCache()
+        if self._cache is not None:
+            cached_sequence, cached = self._cache
+            keep = min(_shared_prefix(cached_sequence, sequence), len(sequence) - 1)  # the last token is fed
+            if keep > 0:
+                surplus = cached.get_seq_length() - keep
+                if surplus > 0:
+                    cached.crop(-surplus)  # a negative count: tokens to drop from the end
+                cache = cached
+        self._cache = None  # generate() extends the cache in place: drop it if that fails half-way
+        ids = torch.tensor([sequence], device=self.model.device)
+        with torch.inference_mode(), warnings.catch_warnings():
+            # transformers 5 renames `past_key_values` to `cache` (and warns); older releases know only the first
+            warnings.filterwarnings("ignore", message=".*past_key_values.* is deprecated", category=FutureWarning)
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad)
+                                      max_new_tokens=max_new_tokens, pad_token_id=self.pad, past_key_values=cache,
+                                      use_cache=True)
+        self._cache = (out[0].tolist(), cache)
         new = out[0, ids.shape[1]:].tolist()
         finished = False
         for i, token in enumerate(new):
@@ -158,6 +192,12 @@ class TransformersGenerator(Generator):
                 break
         tokens = draft.tokens + tuple(new)
         return Draft(tokens, str(self.tokenizer.decode(list(tokens), skip_special_tokens=True)), finished)
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
 
 
 class OpenAIGenerator(Generator):

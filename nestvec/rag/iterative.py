@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from nestvec.errors import invalid
 from nestvec.rag.context import Passage
 from nestvec.rag.generators import Draft, Generator, Prompt
 
@@ -73,6 +74,7 @@ def plain_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generator: Ge
                max_new_tokens: int, query_words: int) -> tuple[Draft, LoopStats]:
     """Retrieve, generate `stride` tokens, repeat: the store answers every step."""
     stats, draft = LoopStats(), Draft()
+    generator.reset()
     wall = time.perf_counter()
     for tokens in _schedule(max_new_tokens, stride):
         if draft.finished:
@@ -99,46 +101,131 @@ class _Pending:
     passages: list[Passage]
 
 
+SPECULATION_POLICIES = ("auto", "always")
+
+
+@dataclass
+class SpeculationCosts:
+    """What RaLMSpec's scheduler weighs, measured as answers go: the store's latency, what a wrong
+    speculation throws away, and how often the previous step's passages were the right ones.
+
+    A right speculation saves a wait for the store; a wrong one throws away every step generated
+    from it before its check came back. Speculate when hit_rate * store_s exceeds
+    (1 - hit_rate) * miss_s. Until a miss is seen, miss_s is the cheapest step seen (a speculated
+    step continues from the attention cache). A fast local store under a slow CPU generator
+    therefore waits for the store; a distant or loaded store speculates. RAG keeps one across its
+    answers, so later answers start from what earlier ones measured."""
+
+    store_s: float | None = None   # smoothed latency of one store call
+    step_s: float | None = None    # the cheapest step generated so far
+    miss_s: float | None = None    # smoothed generation time thrown away by one wrong speculation
+    hits: int = 0                  # steps whose passages were the previous step's
+    misses: int = 0
+
+    def observe_store(self, seconds: float) -> None:
+        self.store_s = _smooth(self.store_s, seconds)
+
+    def observe_step(self, seconds: float) -> None:
+        self.step_s = seconds if self.step_s is None else min(self.step_s, seconds)
+
+    def observe_waste(self, seconds: float) -> None:
+        self.miss_s = _smooth(self.miss_s, seconds)
+
+    def observe_outcome(self, hit: bool) -> None:
+        if hit:
+            self.hits += 1
+        else:
+            self.misses += 1
+
+    @property
+    def hit_rate(self) -> float:
+        return (self.hits + 1) / (self.hits + self.misses + 2)  # a uniform prior: 1/2 before any evidence
+
+    def worth_speculating(self) -> bool:
+        miss = self.miss_s if self.miss_s is not None else self.step_s
+        if self.store_s is None or miss is None:
+            return False
+        return self.hit_rate * self.store_s > (1 - self.hit_rate) * miss
+
+
+def _smooth(previous: float | None, seconds: float) -> float:
+    return seconds if previous is None else 0.7 * previous + 0.3 * seconds
+
+
 def speculative_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generator: Generator, *,
                      stride: int, max_new_tokens: int, query_words: int, window: int = 4,
-                     overlap: bool = True) -> tuple[Draft, LoopStats]:
-    """The plain loop's output, with the store asked once per `window` steps instead of every
-    step (in a worker thread while generation continues, when `overlap`)."""
+                     overlap: bool = True, policy: str = "auto",
+                     costs: SpeculationCosts | None = None) -> tuple[Draft, LoopStats]:
+    """The plain loop's output, with the store asked once per up to `window` steps instead of
+    every step (in a worker thread while generation continues, when `overlap`). `policy` "auto"
+    speculates only where SpeculationCosts expects it to pay; "always" speculates at every step."""
+    if policy not in SPECULATION_POLICIES:
+        raise invalid("policy", f"must be one of {', '.join(SPECULATION_POLICIES)}, got {policy!r}")
     schedule = _schedule(max_new_tokens, stride)
     stats, draft = LoopStats(), Draft()
+    costs = costs if costs is not None else SpeculationCosts()
+    generator.reset()  # both loops start from the same generator state
     wall = time.perf_counter()
     steps: list[Step] = []            # steps_log[i] belongs to schedule[i]
+    step_seconds: list[float] = []    # the generation time of each of `steps`
     pending: list[_Pending] = []      # speculated steps, oldest first
-    in_flight: tuple[Future[list[list[Passage]]], list[_Pending]] | None = None
+    in_flight: tuple[Future[tuple[list[list[Passage]], float]], list[_Pending]] | None = None
     known: list[Passage] | None = None  # passages the store gave for the step about to run, if known
     last: list[Passage] = []          # the newest passages used: the next step's speculation
     pool = ThreadPoolExecutor(1, thread_name_prefix="nestvec-verify") if overlap else None
+    # RaLMSpec adapts how many speculations one check covers: a wrong one throws away every step
+    # generated after it, so after a miss check each step, and double the span after each clean check.
+    current = 1
 
-    def submit(batch: list[_Pending]) -> tuple[Future[list[list[Passage]]], list[_Pending]]:
+    def timed(queries: list[str]) -> tuple[list[list[Passage]], float]:
+        start = time.perf_counter()
+        found = retrieve(queries)
+        return found, time.perf_counter() - start
+
+    def ask(queries: list[str]) -> list[list[Passage]]:
+        """The store, now: generation waits for it."""
         stats.store_calls += 1
-        stats.store_queries += len(batch)
+        stats.store_queries += len(queries)
+        start = time.perf_counter()
+        found, seconds = timed(queries)
+        stats.retrieve_s += time.perf_counter() - start
+        costs.observe_store(seconds)
+        return found
+
+    def submit(batch: list[_Pending]) -> tuple[Future[tuple[list[list[Passage]], float]], list[_Pending]]:
         queries = [p.query for p in batch]
         if pool is None:
-            done: Future[list[list[Passage]]] = Future()
-            done.set_result(retrieve(queries))
+            done: Future[tuple[list[list[Passage]], float]] = Future()
+            done.set_result((ask(queries), costs.store_s or 0.0))
             return done, batch
-        return pool.submit(retrieve, queries), batch
+        stats.store_calls += 1
+        stats.store_queries += len(batch)
+        return pool.submit(timed, queries), batch
 
-    def settle(flight: tuple[Future[list[list[Passage]]], list[_Pending]]) -> _Pending | None:
-        """Wait for a check; on the first wrong speculation, rewind to it. Returns that step."""
-        nonlocal draft, known, last, pending
-        future, batch = flight
-        start = time.perf_counter()
-        truths = future.result()
-        stats.retrieve_s += time.perf_counter() - start
+    def check(batch: list[_Pending], truths: list[list[Passage]]) -> _Pending | None:
+        """Compare speculations with the store; at the first wrong one, rewind to it."""
+        nonlocal draft, known, last, pending, current
         for spec, truth in zip(batch, truths, strict=True):
-            if not _same(spec.passages, truth):
+            hit = _same(spec.passages, truth)
+            costs.observe_outcome(hit)
+            if not hit:
                 stats.rolled_back += 1
                 draft, known, last = spec.before, truth, truth
-                del steps[spec.index:]
-                pending = []
+                costs.observe_waste(sum(step_seconds[spec.index:]))
+                del steps[spec.index:], step_seconds[spec.index:]
+                pending, current = [], 1
                 return spec
+        current = min(2 * current, window)
         return None
+
+    def settle(flight: tuple[Future[tuple[list[list[Passage]], float]], list[_Pending]]) -> _Pending | None:
+        future, batch = flight
+        start = time.perf_counter()
+        truths, seconds = future.result()
+        stats.retrieve_s += time.perf_counter() - start
+        if pool is not None:
+            costs.observe_store(seconds)
+        return check(batch, truths)
 
     try:
         index = 0
@@ -146,28 +233,39 @@ def speculative_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generat
             query = recent_query(question, draft, query_words)
             if known is not None:
                 passages, known = known, None
-            elif not last:  # the first step: nothing to speculate from
-                start = time.perf_counter()
-                passages = retrieve([query])[0]
-                stats.retrieve_s += time.perf_counter() - start
-                stats.store_calls += 1
-                stats.store_queries += 1
-            else:
+            elif last and (policy == "always" or costs.worth_speculating()):
                 passages = last
                 pending.append(_Pending(index, draft, query, passages))
                 stats.speculated += 1
+            else:
+                # wait for the store: this step's query goes with every unchecked speculation
+                wrong = settle(in_flight) if in_flight is not None else None
+                in_flight = None
+                if wrong is None:
+                    batch, pending = pending, []
+                    truths = ask([p.query for p in batch] + [query])
+                    wrong = check(batch, truths[:-1])
+                if wrong is not None:
+                    index = wrong.index
+                    continue
+                passages = truths[-1]
+                if last:  # would speculating have been right? learnt without risking a step
+                    costs.observe_outcome(_same(last, passages))
             last = passages
             prompt, packed = pack(passages)
+            start = time.perf_counter()
             draft = _generate(generator, prompt, draft, schedule[index], stats)
+            step_seconds.append(time.perf_counter() - start)
+            costs.observe_step(step_seconds[-1])
             steps.append(Step(packed, len(draft.text)))
             index += 1
-            if in_flight is not None and (in_flight[0].done() or len(pending) >= 2 * window):
+            if in_flight is not None and (in_flight[0].done() or len(pending) >= current):
                 flight, in_flight = in_flight, None
                 wrong = settle(flight)
                 if wrong is not None:
                     index = wrong.index
                     continue
-            if in_flight is None and len(pending) >= window:
+            if in_flight is None and pending and len(pending) >= current:
                 in_flight = submit(pending)
                 pending = []
             # the answer is complete: check everything still unchecked before returning it

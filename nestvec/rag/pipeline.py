@@ -12,7 +12,7 @@ from nestvec.client.base import CollectionHandle
 from nestvec.errors import invalid
 from nestvec.rag.context import Passage, attributed, cited_numbers, pack
 from nestvec.rag.generators import DEFAULT_TEMPLATE, Generator, Prompt, check_template
-from nestvec.rag.iterative import LoopStats, Step, plain_loop, speculative_loop
+from nestvec.rag.iterative import LoopStats, SpeculationCosts, Step, plain_loop, speculative_loop
 from nestvec.types import JSONDict, SearchOptions
 
 DEFAULT_K = 5
@@ -63,6 +63,7 @@ class RAG:
         self.max_new_tokens = _check_positive(max_new_tokens, "max_new_tokens")
         self.filter, self.template = filter, check_template(prompt_template)
         self.search: SearchOptions = {"mode": RAG_MODE, **search}
+        self.speculation_costs = SpeculationCosts()  # measured by each speculative answer, used by the next
 
     def retrieve_batch(self, queries: Sequence[str]) -> list[list[Passage]]:
         """Top-k passages per query, as the pipeline sees them (ties broken by id in the store)."""
@@ -91,10 +92,12 @@ class RAG:
                       self.generator.prompt_tokens(prompt), cited_by=by)
 
     def answer_iterative(self, question: str, *, stride: int = 16, query_words: int = 32,
-                         speculative: bool = True, window: int = 4, overlap: bool = True) -> Answer:
+                         speculative: bool = True, window: int = 4, overlap: bool = True,
+                         policy: str = "auto") -> Answer:
         """Retrieve again every `stride` tokens with the question and the answer's last
-        `query_words` words. `speculative` (RaLMSpec) gives the same text with fewer store calls:
-        see nestvec.rag.iterative."""
+        `query_words` words. `speculative` (RaLMSpec) gives the same text, waiting less for the
+        store where that pays (`policy` "auto"; "always" speculates every step): see
+        nestvec.rag.iterative."""
         if not isinstance(question, str) or not question.strip():
             raise invalid("question", "must be a non-empty string")
         _check_positive(stride, "stride")
@@ -102,7 +105,9 @@ class RAG:
         kwargs: dict[str, Any] = {"stride": stride, "max_new_tokens": self.max_new_tokens, "query_words": query_words}
         if speculative:
             draft, stats = speculative_loop(question, self.retrieve_batch, lambda p: self._pack(question, p),
-                                            self.generator, window=window, overlap=overlap, **kwargs)
+                                            self.generator, window=window, overlap=overlap, policy=policy,
+                                            costs=self.speculation_costs,
+                                            **kwargs)
         else:
             draft, stats = plain_loop(question, self.retrieve_batch, lambda p: self._pack(question, p),
                                       self.generator, **kwargs)
