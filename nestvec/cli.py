@@ -1,4 +1,4 @@
-"""`nestvec` command line: ingest, search, eval, rag, plan, info, list, drop, serve."""
+"""`nestvec` command line: ingest, search, eval, rag, plan, train-matryoshka, eval-dims, info, list, drop, serve."""
 
 from __future__ import annotations
 
@@ -238,6 +238,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_matryoshka(args: argparse.Namespace) -> int:
+    from nestvec.encoders.matryoshka import MatryoshkaConfig, beir_pairs, parse_dims, read_pairs, train_matryoshka
+
+    if bool(args.beir) == bool(args.pairs):
+        raise invalid("beir", "give exactly one of --beir DIR (with --split) and --pairs FILE")
+    pairs = beir_pairs(args.beir, args.split) if args.beir else read_pairs(args.pairs)
+    config = MatryoshkaConfig(dims=parse_dims(args.dims), epochs=args.epochs, batch_size=args.batch_size,
+                              learning_rate=args.learning_rate, seed=args.seed, max_steps=args.max_steps,
+                              hard_negatives=args.hard_negatives, layers=args.layers, device=args.device)
+    print(f"training {args.base} on {len(pairs)} pairs, dims {list(config.dims)} ...", file=sys.stderr)
+    out = train_matryoshka(args.base, pairs, args.out, config, progress=not args.no_progress)
+    print(json.dumps(json.loads((out / "nestvec_training.json").read_text(encoding="utf-8")), indent=2))
+    return 0
+
+
+def cmd_eval_dims(args: argparse.Namespace) -> int:
+    from nestvec.encoders.dims import eval_dims, save_report
+    from nestvec.encoders.matryoshka import parse_dims
+
+    report = eval_dims(args.model, Path(args.beir), base=args.base, split=args.split,
+                       dims=parse_dims(args.dims) if args.dims else None, cache_dir=Path(args.cache))
+    print(f"{report.dataset} ({report.split}): nDCG@10 per dimension")
+    print(report.table())
+    json_path, png_path = save_report(report, Path(args.out))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestvec", description=__doc__)
     parser.add_argument("--data", default=os.environ.get("NESTVEC_DATA", "nestvec_data"),
@@ -334,6 +362,36 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("collection")
         p.set_defaults(func=func)
     sub.add_parser("list", help="list collections").set_defaults(func=cmd_list)
+
+    p = sub.add_parser("train-matryoshka", help="fine-tune a sentence-transformers model so its prefixes work "
+                                                "(MatryoshkaLoss around in-batch negatives)")
+    p.add_argument("--base", default="all-MiniLM-L6-v2", help="the bundled model or a local model folder")
+    p.add_argument("--beir", default=None, help="a BEIR folder: (query, relevant document) pairs of --split")
+    p.add_argument("--split", default="train")
+    p.add_argument("--pairs", default=None, help="or a pairs file: JSONL {query, positive} or a 2-column TSV")
+    p.add_argument("--dims", default="384,256,128,64,32")
+    p.add_argument("--out", required=True, help="the new model folder")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--hard-negatives", type=int, default=0, help="negatives per pair mined with the base model")
+    p.add_argument("--layers", action="store_true", help="2D Matryoshka: train earlier layers to embed too")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train_matryoshka)
+
+    p = sub.add_parser("eval-dims", help="nDCG@10 at every prefix dimension of a model, beside a base model's "
+                                         "truncation and PCA")
+    p.add_argument("model", help="the bundled model or a local model folder")
+    p.add_argument("--beir", required=True, help="a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--base", default=None, help="compare with this model (default: the base in the model's card)")
+    p.add_argument("--dims", default=None, help="comma-separated (default: full, 512, 384, ..., 32)")
+    p.add_argument("--cache", default=".cache/embeddings", help="where encoded corpora are kept")
+    p.add_argument("--out", default=".", help="folder for dims-<dataset>-<model>.json and .png")
+    p.set_defaults(func=cmd_eval_dims)
 
     p = sub.add_parser("serve", help="serve the data folder over gRPC (health, reflection, API keys, TLS)")
     p.add_argument("--port", type=int, default=50051)
