@@ -22,8 +22,6 @@ from nestvec.errors import NotFoundError, invalid
 from nestvec.evaluation import ndcg_at_k, recall_at_k
 from nestvec.fsutil import write_json
 
-SEARCH_CHUNK = 256  # queries scored at once: a [chunk, corpus] float32 block
-
 
 @dataclass(frozen=True)
 class Embedded:
@@ -84,18 +82,14 @@ def embed_beir(model: str, folder: Path, cache_dir: Path | None) -> Embedded:
 
 def _run(queries: np.ndarray, corpus: np.ndarray, query_ids: Sequence[str], corpus_ids: Sequence[str],
          k: int = 100) -> dict[str, list[str]]:
-    """Exact top-k by inner product (the vectors are unit length), ties broken by corpus order."""
+    """Exact top-k by inner product (the vectors are unit length), by faiss."""
+    import faiss
+
+    index = faiss.IndexFlatIP(corpus.shape[1])
+    index.add(np.ascontiguousarray(corpus, dtype=np.float32))
+    _, rows = index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(corpus_ids)))
     ids = np.asarray(corpus_ids)
-    run: dict[str, list[str]] = {}
-    k = min(k, len(corpus_ids))
-    for lo in range(0, len(queries), SEARCH_CHUNK):
-        scores = queries[lo:lo + SEARCH_CHUNK] @ corpus.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(scores, top, axis=1)
-        top = np.take_along_axis(top, np.argsort(-order, axis=1, kind="stable"), axis=1)
-        for qid, row in zip(query_ids[lo:lo + SEARCH_CHUNK], top, strict=True):
-            run[qid] = ids[row].tolist()
-    return run
+    return {qid: ids[row[row >= 0]].tolist() for qid, row in zip(query_ids, rows, strict=True)}
 
 
 def score(name: str, dim: int, queries: np.ndarray, corpus: np.ndarray, data: Embedded,
