@@ -258,7 +258,8 @@ def cmd_eval_dims(args: argparse.Namespace) -> int:
     from nestvec.encoders.matryoshka import parse_dims
 
     report = eval_dims(args.model, Path(args.beir), base=args.base, split=args.split,
-                       dims=parse_dims(args.dims) if args.dims else None, cache_dir=Path(args.cache))
+                       dims=parse_dims(args.dims) if args.dims else None, cache_dir=Path(args.cache),
+                       label=args.label)
     print(f"{report.dataset} ({report.split}): nDCG@10 per dimension")
     print(report.table())
     json_path, png_path = save_report(report, Path(args.out))
@@ -390,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="compare with this model (default: the base in the model's card)")
     p.add_argument("--dims", default=None, help="comma-separated (default: full, 512, 384, ..., 32)")
     p.add_argument("--cache", default=".cache/embeddings", help="where encoded corpora are kept")
+    p.add_argument("--label", default=None, help="the model's name in the table (default: its folder name)")
     p.add_argument("--out", default=".", help="folder for dims-<dataset>-<model>.json and .png")
     p.set_defaults(func=cmd_eval_dims)
 
