@@ -53,3 +53,11 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 def load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
+
+
+def hash_file(digest: Any, path: Path) -> Any:
+    """Feed a file to a hashlib digest in 4 MB chunks (model weights run to gigabytes)."""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest

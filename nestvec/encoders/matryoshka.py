@@ -22,7 +22,7 @@ from typing import Any
 from nestvec.datasets import iter_corpus, load_qrels, load_queries
 from nestvec.encoders.st import BUNDLED_ALIASES, BUNDLED_MODEL, resolve_model_path, weights_sha256
 from nestvec.errors import NotFoundError, invalid
-from nestvec.fsutil import write_json
+from nestvec.fsutil import hash_file, write_json
 
 CARD = "nestvec_training.json"
 DEFAULT_DIMS = (384, 256, 128, 64, 32)
@@ -74,11 +74,7 @@ class Pairs:
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return str(hash_file(hashlib.sha256(), path).hexdigest())
 
 
 def beir_pairs(folder: Path | str, split: str = "train") -> Pairs:

@@ -13,6 +13,7 @@ import numpy as np
 
 from nestvec.encoders.base import Kind, check_texts, truncate_normalize
 from nestvec.errors import invalid
+from nestvec.fsutil import hash_file
 from nestvec.types import EncoderIdentity
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
@@ -50,9 +51,7 @@ def weights_sha256(folder: Path) -> str:
         if not file.is_file() or file.suffix not in _HASHED_SUFFIXES or rel.parts[0] in {"onnx", "openvino"}:
             continue
         digest.update(str(rel).encode())
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
+        hash_file(digest, file)
     return digest.hexdigest()
 
 
