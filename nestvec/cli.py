@@ -34,7 +34,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         from nestvec.encoders import BUNDLED_MODEL
         from nestvec.jobs.ray_encode import RayOptions
 
-        ray, encoder = RayOptions(args.encoder or BUNDLED_MODEL, args.ray or None, args.precision, args.actors), None
+        ray = RayOptions(args.encoder or BUNDLED_MODEL, args.ray or None, args.precision, args.actors,
+                         args.encoder_layers)
+        encoder = None
     summary = ingest(collection, source, encoder=encoder, batch_size=args.batch_size, fit_size=args.fit_size,
                      resume=args.resume, progress=not args.no_progress, ray=ray)
     print(json.dumps({"collection": args.collection, "count": collection.count(), **asdict(summary)}))
@@ -56,8 +58,11 @@ def _ingest_target(args: argparse.Namespace, source: Any) -> tuple[Any, Any]:
         except NotFoundError:
             collection = client.create_collection(args.collection, encoder=model, dim=source.dim,
                                                   codec=args.codec or "", index=args.index)
+        if args.encoder_layers:
+            raise invalid("encoder_layers", "a server encodes with its collection's whole model; "
+                                            "encode here (no --url) to cut layers")
         return collection, None
-    encoder = load_encoder(model, args.precision) if model else None
+    encoder = load_encoder(model, args.precision, args.encoder_layers) if model else None
     if encoder is not None and source.dim and source.dim != encoder.dim:
         raise invalid("vectors", f"{args.vectors} holds {source.dim}-d vectors; {model} makes {encoder.dim}-d ones")
     client = _client(args)
@@ -259,7 +264,7 @@ def cmd_eval_dims(args: argparse.Namespace) -> int:
 
     report = eval_dims(args.model, Path(args.beir), base=args.base, split=args.split,
                        dims=parse_dims(args.dims) if args.dims else None, cache_dir=Path(args.cache),
-                       label=args.label)
+                       label=args.label, layers=parse_dims(args.layers, "layers") if args.layers else None)
     print(f"{report.dataset} ({report.split}): nDCG@10 per dimension")
     print(report.table())
     json_path, png_path = save_report(report, Path(args.out))
@@ -291,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled model name or a local model folder (default all-MiniLM-L6-v2; with --vectors, "
                         "the model that made them, if text queries should work)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--encoder-layers", type=int, default=None, metavar="K",
+                   help="run only the encoder's first K transformer layers (a 2D Matryoshka model)")
     p.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
                    help="vector index of a new collection (auto: flat while small, SPANN from 20,000 vectors)")
     p.add_argument("--batch-size", type=int, default=512, help="documents per transaction")
@@ -392,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", default=None, help="comma-separated (default: full, 512, 384, ..., 32)")
     p.add_argument("--cache", default=".cache/embeddings", help="where encoded corpora are kept")
     p.add_argument("--label", default=None, help="the model's name in the table (default: its folder name)")
+    p.add_argument("--layers", default=None,
+                   help="layer cuts to score, comma-separated (default: all, for a model trained with --layers)")
     p.add_argument("--out", default=".", help="folder for dims-<dataset>-<model>.json and .png")
     p.set_defaults(func=cmd_eval_dims)
 

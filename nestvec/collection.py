@@ -321,10 +321,15 @@ class Collection:
         expected = self.config.encoder
         if expected is None:
             raise FailedPreconditionError(f"collection {self.name!r} stores raw vectors and has no encoder")
-        if encoder.identity.weights_sha256 != expected.weights_sha256 or encoder.dim != expected.dim:
+        got = encoder.identity
+        if got.weights_sha256 != expected.weights_sha256 or encoder.dim != expected.dim:
             raise FailedPreconditionError(
-                f"encoder {encoder.identity.model} ({encoder.identity.weights_sha256[:12]}) differs from "
+                f"encoder {got.model} ({got.weights_sha256[:12]}) differs from "
                 f"collection {self.name!r}'s {expected.model} ({expected.weights_sha256[:12]})")
+        if got.layers != expected.layers:
+            raise FailedPreconditionError(
+                f"encoder {got.model} runs {got.layers or 'all'} layers; collection {self.name!r} was built "
+                f"with {expected.layers or 'all'} (its vectors would not compare)")
         self._encoder = encoder
 
     @property
@@ -333,7 +338,7 @@ class Collection:
             if self.config.encoder is None:
                 raise FailedPreconditionError(
                     f"collection {self.name!r} has no encoder: pass vectors instead of texts")
-            self._attach_encoder(load_encoder(self.config.encoder.model))
+            self._attach_encoder(load_encoder(self.config.encoder.model, layers=self.config.encoder.layers))
         assert self._encoder is not None
         return self._encoder
 

@@ -27,13 +27,19 @@ class EncoderIdentity:
     model: str
     weights_sha256: str
     dim: int
+    layers: int | None = None  # transformer layers kept (2D Matryoshka); None: all of them
 
     def to_json(self) -> JSONDict:
-        return asdict(self)
+        out = asdict(self)
+        if self.layers is None:
+            del out["layers"]  # configs written before layer cuts existed stay byte-identical
+        return out
 
     @classmethod
     def from_json(cls, data: JSONDict) -> EncoderIdentity:
-        return cls(model=str(data["model"]), weights_sha256=str(data["weights_sha256"]), dim=int(data["dim"]))
+        layers = data.get("layers")
+        return cls(model=str(data["model"]), weights_sha256=str(data["weights_sha256"]), dim=int(data["dim"]),
+                   layers=None if layers is None else int(layers))
 
     def matches(self, model: str) -> bool:
         """True when `model` names this encoder: its model name or (a prefix of) its weights hash."""

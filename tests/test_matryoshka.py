@@ -160,3 +160,71 @@ def test_the_unsupervised_adaptor_keeps_neighbours_in_short_prefixes(tmp_path: P
         adaptor.apply(corpus[:, :100])
     with pytest.raises(InvalidArgumentError, match="dims"):
         fit_adaptor(corpus, AdaptorConfig(dims=(512,)))
+
+
+def test_a_layer_cut_encodes_with_the_first_k_layers_as_2d_training_does() -> None:
+    """layers=k must give what Matryoshka2dLoss trains: the pooled hidden state after layer k."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    texts = ["Vitamin D supplementation and fracture risk.", "Graphene conducts heat."]
+    path = resolve_model_path("all-MiniLM-L6-v2")
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path)
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    cut = SentenceTransformerEncoder("all-MiniLM-L6-v2", precision="fp32", layers=3)
+    assert cut.layers == 3 and cut.total_layers == 6 and cut.identity.layers == 3
+    pooled = ((hidden[3] * mask).sum(1) / mask.sum(1)).numpy()
+    expected = pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+    assert np.allclose(cut.encode(texts), expected, atol=1e-5)
+    whole = SentenceTransformerEncoder("all-MiniLM-L6-v2", precision="fp32", layers=6)
+    assert whole.layers is None and whole.identity == SentenceTransformerEncoder("all-MiniLM-L6-v2").identity
+    assert float(cut.encode(texts[0]) @ whole.encode(texts[0])) < 0.9  # a cut base model is a different space
+    for bad in (0, 7, 2.5):
+        with pytest.raises(InvalidArgumentError, match="layers"):
+            SentenceTransformerEncoder("all-MiniLM-L6-v2", layers=bad)  # type: ignore[arg-type]
+
+
+def test_a_collection_keeps_its_layer_cut_and_refuses_another(tmp_path: Path) -> None:
+    client = nestvec.connect(tmp_path)
+    cut = SentenceTransformerEncoder("all-MiniLM-L6-v2", layers=2)
+    col = client.create_collection("fast", encoder=cut)
+    col.upsert(["a", "b"], texts=["Graphene conducts heat.", "Mice sleep more in winter."])
+    assert col.info()["encoder"]["layers"] == 2
+    client.close()
+    reopened = nestvec.connect(tmp_path).get_collection("fast")  # loads the encoder with the same cut
+    assert reopened.search("heat conduction in carbon", k=1)[0].id == "a"
+    assert reopened.encoder.identity.layers == 2
+    with pytest.raises(FailedPreconditionError, match="layers"):
+        nestvec.connect(tmp_path / "other").create_collection("x", encoder=cut)._attach_encoder(
+            SentenceTransformerEncoder("all-MiniLM-L6-v2"))
+    plain = nestvec.connect(tmp_path / "plain").create_collection("p")
+    assert "layers" not in plain.info()["encoder"]  # whole-model configs are unchanged
+
+
+@pytest.fixture(scope="module")
+def tuned_2d(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pairs = beir_pairs(SCIFACT, "train")
+    few = Pairs(pairs.queries[:16], pairs.positives[:16], pairs.source)
+    config = MatryoshkaConfig(dims=(384, 64), batch_size=4, max_steps=2, max_seq_length=64, seed=7, layers=True)
+    return train_matryoshka("all-MiniLM-L6-v2", few, tmp_path_factory.mktemp("mrl2d") / "model", config,
+                            progress=False)
+
+
+def test_2d_training_and_eval_dims_per_layer_cut(tuned_2d: Path, small_beir: Path, tmp_path: Path) -> None:
+    card = json.loads((tuned_2d / "nestvec_training.json").read_text())
+    assert card["loss"] == "Matryoshka2dLoss(MultipleNegativesRankingLoss)" and card["config"]["layers"] is True
+    report = eval_dims(str(tuned_2d), small_beir, dims=[384, 64], cache_dir=tmp_path / "cache", layers=[3])
+    cut = {(r["method"], r["layers"], r["dim"]): r for r in report.rows if "layers" in r}
+    assert {m for m, _, _ in cut} == {"model, both cut", "model, queries cut", "all-MiniLM-L6-v2, both cut"}
+    assert {k for _, k, _ in cut} == {3, 6}  # the asked cut and the whole model beside it
+    whole = {(r["method"], r["dim"]): r["ndcg@10"] for r in report.rows if "layers" not in r}
+    assert cut[("model, both cut", 6, 64)]["ndcg@10"] == whole[("model prefix", 64)]
+    assert cut[("all-MiniLM-L6-v2, both cut", 6, 384)]["ndcg@10"] == whole[("all-MiniLM-L6-v2 truncated", 384)]
+    assert cut[("model, both cut", 3, 384)]["ndcg@10"] != whole[("model prefix", 384)]
+    assert cut[("model, both cut", 3, 384)]["queries_per_s"] > 0
+    assert "| layers | dims |" in report.table() and "| 3 | 64 |" in report.table()
+    with pytest.raises(InvalidArgumentError, match="layers"):
+        eval_dims(str(tuned_2d), small_beir, dims=[64], cache_dir=tmp_path / "cache", layers=[9])

@@ -8,6 +8,7 @@ and cached as .npz under `cache_dir`, since encoding is the slow part on a CPU.
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,11 @@ class Embedded:
     corpus_ids: list[str]
     queries: np.ndarray
     query_ids: list[str]
+    query_seconds: float | None = None  # how long encoding the queries took (None: cached before it was kept)
+
+    @property
+    def queries_per_s(self) -> float | None:
+        return round(len(self.query_ids) / self.query_seconds, 1) if self.query_seconds else None
 
 
 @dataclass
@@ -38,45 +44,62 @@ class DimsReport:
     model: str
     base: str | None
     dims: list[int]
-    rows: list[dict[str, Any]] = field(default_factory=list)  # one per (method, dim)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per (method, dim[, layers])
 
     def table(self) -> str:
-        methods = list(dict.fromkeys(r["method"] for r in self.rows))
-        by = {(r["method"], r["dim"]): r for r in self.rows}
-        head = "| dims | " + " | ".join(methods) + " |"
-        lines = [head, "|" + "---|" * (len(methods) + 1)]
+        """nDCG@10 per dim and method; then, for a 2D model's layer cuts, per (layers, dim)."""
+        whole = [r for r in self.rows if "layers" not in r]
+        methods = list(dict.fromkeys(r["method"] for r in whole))
+        by = {(r["method"], r["dim"]): r for r in whole}
+        lines = ["| dims | " + " | ".join(methods) + " |", "|" + "---|" * (len(methods) + 1)]
         for dim in self.dims:
             cells = [f"{by[(m, dim)]['ndcg@10']:.4f}" if (m, dim) in by else "" for m in methods]
             lines.append(f"| {dim} | " + " | ".join(cells) + " |")
+        cut = [r for r in self.rows if "layers" in r]
+        if cut:
+            methods = list(dict.fromkeys(r["method"] for r in cut))
+            at = {(r["method"], r["layers"], r["dim"]): r for r in cut}
+            speed = {r["layers"]: r.get("queries_per_s") for r in cut if r.get("queries_per_s")}
+            lines += ["", "| layers | dims | " + " | ".join(methods) + " | queries/s |",
+                      "|" + "---|" * (len(methods) + 3)]
+            for layers in sorted({r["layers"] for r in cut}, reverse=True):
+                for dim in self.dims:
+                    cells = [f"{at[(m, layers, dim)]['ndcg@10']:.4f}" if (m, layers, dim) in at else ""
+                             for m in methods]
+                    lines.append(f"| {layers} | {dim} | " + " | ".join(cells) + f" | {speed.get(layers, '')} |")
         return "\n".join(lines)
 
 
-def _cache_key(model_path: Path, folder: Path) -> str:
+def _cache_key(model_path: Path, folder: Path, layers: int | None) -> str:
     stamp = [str(folder.resolve())] + [str((folder / f).stat().st_size) for f in ("corpus.jsonl", "queries.jsonl")]
+    if layers is not None:
+        stamp.append(f"layers={layers}")
     return hashlib.sha256((weights_sha256(model_path) + "|".join(stamp)).encode()).hexdigest()[:20]
 
 
-def embed_beir(model: str, folder: Path, cache_dir: Path | None) -> Embedded:
+def embed_beir(model: str, folder: Path, cache_dir: Path | None, layers: int | None = None) -> Embedded:
     """Documents and queries of `folder` encoded by `model` (document / query prompts where the
-    model has them), from the cache when it holds them."""
+    model has them; with `layers`, its first transformer layers only), from the cache when it holds them."""
     from nestvec.encoders.st import SentenceTransformerEncoder
 
     path = resolve_model_path(model)
-    cache = cache_dir / f"{folder.name}-{_cache_key(path, folder)}.npz" if cache_dir else None
+    cache = cache_dir / f"{folder.name}-{_cache_key(path, folder, layers)}.npz" if cache_dir else None
     if cache is not None and cache.exists():
         z = np.load(cache)
-        return Embedded(z["corpus"], z["corpus_ids"].tolist(), z["queries"], z["query_ids"].tolist())
-    encoder = SentenceTransformerEncoder(model)
+        seconds = float(z["query_seconds"]) if "query_seconds" in z.files else None
+        return Embedded(z["corpus"], z["corpus_ids"].tolist(), z["queries"], z["query_ids"].tolist(), seconds)
+    encoder = SentenceTransformerEncoder(model, layers=layers)
     docs = list(iter_corpus(folder / "corpus.jsonl"))
     queries = load_queries(folder / "queries.jsonl")
     keep = [d for d in docs if d.text.strip()]  # Cranfield has empty abstracts: they can never be found
     corpus = encoder.encode([d.text for d in keep], kind="document", show_progress=True)
+    started = time.perf_counter()
     encoded_queries = encoder.encode(list(queries.values()), kind="query", show_progress=True)
-    out = Embedded(corpus, [d.id for d in keep], encoded_queries, list(queries))
+    out = Embedded(corpus, [d.id for d in keep], encoded_queries, list(queries), time.perf_counter() - started)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache, corpus=out.corpus, corpus_ids=np.array(out.corpus_ids), queries=out.queries,
-                 query_ids=np.array(out.query_ids))
+                 query_ids=np.array(out.query_ids), query_seconds=np.float64(out.query_seconds))
     return out
 
 
@@ -108,9 +131,13 @@ def pca_rotation(corpus: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def eval_dims(model: str, folder: Path | str, *, base: str | None = None, dims: Sequence[int] | None = None,
-              split: str = "test", cache_dir: Path | None = None, label: str | None = None) -> DimsReport:
+              split: str = "test", cache_dir: Path | None = None, label: str | None = None,
+              layers: Sequence[int] | None = None) -> DimsReport:
     """nDCG@10 and recall@100 of `model` at each prefix of `dims`; with `base`, the base model's
-    plain truncation and PCA at the same dims. A model nestvec trained names its base in its card."""
+    plain truncation and PCA at the same dims. A model nestvec trained names its base in its card.
+    With `layers` (default for a 2D-trained model: every layer count), the same at each layer cut:
+    queries and documents both cut, queries cut against full-depth documents (the cheap-query use),
+    and the base model cut alike."""
     from nestvec.encoders.matryoshka import training_card
 
     folder = Path(folder)
@@ -118,9 +145,17 @@ def eval_dims(model: str, folder: Path | str, *, base: str | None = None, dims: 
     if not qrels_path.exists():
         raise NotFoundError(f"{qrels_path}: no such file")
     qrels = load_qrels(qrels_path)
-    if base is None and model not in BUNDLED_ALIASES:
-        card = training_card(resolve_model_path(model))
-        base = card["base_model"] if card else None
+    card = None if model in BUNDLED_ALIASES else training_card(resolve_model_path(model))
+    if base is None and card:
+        base = card["base_model"]
+    total = total_layers(model)
+    if layers is None and card and card.get("config", {}).get("layers"):
+        layers = range(1, total + 1)
+    cuts = sorted({int(k) for k in layers or ()}, reverse=True)
+    if cuts and (cuts[0] > total or cuts[-1] < 1):
+        raise invalid("layers", f"must lie in 1..{total}, got {cuts}")
+    if cuts:
+        cuts = sorted({*cuts, total}, reverse=True)  # the whole model beside its cuts, as the reference
     data = embed_beir(model, folder, cache_dir)
     full = data.corpus.shape[1]
     dims = sorted({int(d) for d in (dims or _default_dims(full))}, reverse=True)
@@ -128,23 +163,46 @@ def eval_dims(model: str, folder: Path | str, *, base: str | None = None, dims: 
         raise invalid("dims", f"must lie in 1..{full}, got {dims}")
     name = label or (BUNDLED_MODEL if model in BUNDLED_ALIASES else Path(model).name)
     report = DimsReport(folder.name, split, name, base, dims)
-    for dim in dims:
-        report.rows.append(score(f"{name} prefix", dim, truncate_normalize(data.queries, dim),
-                                  truncate_normalize(data.corpus, dim), data, qrels))
+    report.rows += _prefix_rows(f"{name} prefix", data, data, dims, qrels)
+    base_name = None if base is None else BUNDLED_MODEL if base in BUNDLED_ALIASES else Path(base).name
     if base is not None:
         base_data = embed_beir(base, folder, cache_dir)
-        base_name = BUNDLED_MODEL if base in BUNDLED_ALIASES else Path(base).name
-        for dim in dims:
-            if dim > base_data.corpus.shape[1]:
-                continue
-            report.rows.append(score(f"{base_name} truncated", dim, truncate_normalize(base_data.queries, dim),
-                                      truncate_normalize(base_data.corpus, dim), base_data, qrels))
+        usable = [d for d in dims if d <= base_data.corpus.shape[1]]
+        report.rows += _prefix_rows(f"{base_name} truncated", base_data, base_data, usable, qrels)
+        for dim in usable:
             if dim > len(base_data.corpus):
                 continue  # fewer documents than components: no PCA to fit
             mean, axes = pca_rotation(base_data.corpus, dim)
             report.rows.append(score(f"{base_name} PCA", dim, _unit((base_data.queries - mean) @ axes.T),
                                       _unit((base_data.corpus - mean) @ axes.T), base_data, qrels))
+    for k in cuts:
+        cut = data if k == total else embed_beir(model, folder, cache_dir, layers=k)
+        tag = {"layers": k, "queries_per_s": cut.queries_per_s}
+        report.rows += _prefix_rows(f"{name}, both cut", cut, cut, dims, qrels, tag)
+        report.rows += _prefix_rows(f"{name}, queries cut", cut, data, dims, qrels, tag)
+        if base is not None and total_layers(base) >= k:
+            base_cut = embed_beir(base, folder, cache_dir, layers=None if k == total_layers(base) else k)
+            usable = [d for d in dims if d <= base_cut.corpus.shape[1]]
+            report.rows += _prefix_rows(f"{base_name}, both cut", base_cut, base_cut, usable, qrels, {"layers": k})
     return report
+
+
+def _prefix_rows(method: str, queries: Embedded, corpus: Embedded, dims: Sequence[int],
+                 qrels: dict[str, dict[str, int]], extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One scored row per prefix dim: `queries`' query vectors against `corpus`' documents."""
+    return [{**score(method, dim, truncate_normalize(queries.queries, dim), truncate_normalize(corpus.corpus, dim),
+                     corpus, qrels), **(extra or {})} for dim in dims]
+
+
+def total_layers(model: str) -> int:
+    """Transformer layers of a model folder, from its config (no weights loaded)."""
+    import json
+
+    config = json.loads((resolve_model_path(model) / "config.json").read_text(encoding="utf-8"))
+    count = config.get("num_hidden_layers") or config.get("text_config", {}).get("num_hidden_layers")
+    if not count:
+        raise invalid("layers", f"{model}'s config names no num_hidden_layers")
+    return int(count)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -156,10 +214,13 @@ def _default_dims(full: int) -> list[int]:
 
 
 def draw(ax: Any, report: DimsReport) -> None:
-    """nDCG@10 against dims on a matplotlib axis, one line per method."""
-    for method in dict.fromkeys(r["method"] for r in report.rows):
-        rows = sorted((r for r in report.rows if r["method"] == method), key=lambda r: r["dim"])
-        ax.plot([r["dim"] for r in rows], [r["ndcg@10"] for r in rows], marker="o", label=method)
+    """nDCG@10 against dims on a matplotlib axis, one line per method (and layer cut)."""
+    for method, layers in dict.fromkeys((r["method"], r.get("layers")) for r in report.rows):
+        rows = sorted((r for r in report.rows if r["method"] == method and r.get("layers") == layers),
+                      key=lambda r: r["dim"])
+        label = method if layers is None else f"{method} at {layers} layers"
+        ax.plot([r["dim"] for r in rows], [r["ndcg@10"] for r in rows], marker="o", label=label,
+                linestyle="-" if layers is None else ":")
     ax.set_xscale("log", base=2)
     ax.set_xticks(report.dims, [str(d) for d in report.dims])
     ax.set(xlabel="embedding dimensions (prefix / PCA components)", ylabel=f"nDCG@10 ({report.split})",

@@ -196,11 +196,11 @@ def training_card(folder: Path | str) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
-def parse_dims(text: str | Sequence[int]) -> tuple[int, ...]:
+def parse_dims(text: str | Sequence[int], field: str = "dims") -> tuple[int, ...]:
     try:
         dims = tuple(int(d) for d in (text.split(",") if isinstance(text, str) else text) if str(d).strip())
     except ValueError:
-        raise invalid("dims", f"must be comma-separated integers, got {text!r}") from None
+        raise invalid(field, f"must be comma-separated integers, got {text!r}") from None
     if not dims or min(dims) < 1:
-        raise invalid("dims", f"must be positive integers, got {text!r}")
+        raise invalid(field, f"must be positive integers, got {text!r}")
     return dims

@@ -7,7 +7,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -71,6 +71,10 @@ class SentenceTransformerEncoder:
     precision="auto" picks fp16 weights on a GPU, bf16 weights on CPUs with native bf16 matmuls
     (AMX / AVX512-BF16: ~3x plain sentence-transformers at equal nDCG, see bench/encoders.py),
     fp32 elsewhere. Outputs are always float32.
+
+    layers=k keeps only the first k transformer layers (2D Matryoshka, `train-matryoshka --layers`):
+    encoding costs about k/n of the full model, and the identity records the cut, since the vectors
+    differ from the full model's.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class SentenceTransformerEncoder:
         device: str | None = None,
         precision: Precision = "auto",
         batch_size: int | None = None,
+        layers: int | None = None,
     ) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
@@ -97,7 +102,26 @@ class SentenceTransformerEncoder:
         self._model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True,
                                           model_kwargs={"dtype": dtype})
         self._dim = int(self._model.get_embedding_dimension() or 0)
-        self._identity = EncoderIdentity(self.model_name, weights_sha256(self.path), self._dim)
+        self.total_layers = len(_layer_list(self._model)[1])
+        self.layers = self._cut_layers(layers)
+        self._identity = EncoderIdentity(self.model_name, weights_sha256(self.path), self._dim, self.layers)
+
+    def _cut_layers(self, layers: int | None) -> int | None:
+        """Keep the first `layers` transformer blocks; None (or all of them) keeps the model whole."""
+        if layers is None:
+            return None
+        if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= self.total_layers:
+            raise invalid("layers", f"must be an integer in 1..{self.total_layers} for {self.model_name}, "
+                                    f"got {layers!r}")
+        if layers == self.total_layers:
+            return None
+        import torch
+
+        (parent, name), blocks = _layer_list(self._model)
+        setattr(parent, name, torch.nn.ModuleList(list(blocks)[:layers]))
+        transformer: Any = self._model[0].auto_model
+        transformer.config.num_hidden_layers = layers
+        return layers
 
     def _resolve_precision(self, precision: Precision) -> str:
         if precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -138,7 +162,22 @@ class SentenceTransformerEncoder:
         return out[0] if single else out
 
 
+def _layer_list(model: Any) -> tuple[tuple[Any, str], Any]:
+    """The transformer's stack of blocks (BERT/MPNet `encoder.layer`, Gemma `layers`, ...): the
+    ModuleList as long as the config's num_hidden_layers, and (its parent, attribute name)."""
+    import torch
+
+    transformer = model[0].auto_model
+    count = getattr(transformer.config, "num_hidden_layers", None)
+    for path, module in transformer.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and path:
+            parent_path, _, name = path.rpartition(".")
+            return (transformer.get_submodule(parent_path) if parent_path else transformer, name), module
+    raise invalid("layers", f"cannot find the transformer layers of {type(transformer).__name__}")
+
+
 @functools.lru_cache(maxsize=4)
-def load_encoder(model: str = BUNDLED_MODEL, precision: Precision = "auto") -> SentenceTransformerEncoder:
-    """One loaded model per (name, precision) per process: loading costs seconds and ~100 MB."""
-    return SentenceTransformerEncoder(model, precision=precision)
+def load_encoder(model: str = BUNDLED_MODEL, precision: Precision = "auto",
+                 layers: int | None = None) -> SentenceTransformerEncoder:
+    """One loaded model per (name, precision, layers) per process: loading costs seconds and ~100 MB."""
+    return SentenceTransformerEncoder(model, precision=precision, layers=layers)

@@ -27,15 +27,16 @@ class RayOptions:
     address: str | None = None    # None or "": start or join a local Ray; else the cluster's address
     precision: str = "auto"
     actors: int | None = None     # default: one per GPU, else one per CPU of the cluster but one
+    layers: int | None = None     # transformer layers kept (2D Matryoshka); None: all
 
 
 class _EncodeActor:
     """One per Ray worker: loads the model once, then encodes every batch it is handed."""
 
-    def __init__(self, model: str, precision: str) -> None:
+    def __init__(self, model: str, precision: str, layers: int | None = None) -> None:
         from nestvec.encoders import load_encoder
 
-        self.encoder = load_encoder(model, precision)
+        self.encoder = load_encoder(model, precision, layers)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         texts = [document_text(str(t or ""), str(x or "")) for t, x in zip(batch["title"], batch["text"], strict=True)]
@@ -83,7 +84,7 @@ def ray_batches(source: Source, start: int, batch_size: int, options: RayOptions
     pool = options.actors or max(1, int(ray.cluster_resources().get("GPU", 0)) if gpus else
                                  int(ray.cluster_resources().get("CPU", 2)) - 1)
     encoded = dataset.map_batches(_normalise, batch_format="numpy").map_batches(
-        _EncodeActor, fn_constructor_args=(options.model, options.precision), batch_size=batch_size,
+        _EncodeActor, fn_constructor_args=(options.model, options.precision, options.layers), batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=pool), num_gpus=gpus, batch_format="numpy")
     at = start
     for out in encoded.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=2):
