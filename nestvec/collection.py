@@ -661,7 +661,8 @@ class Collection:
     def search(self, query: QueryLike, k: int = 10, filter: JSONDict | None = None, *,
                vector: Sequence[float] | np.ndarray | None = None, model: str | None = None,
                rescore_candidates: int | None = None, nprobe: int | None = None, mode: str = DEFAULT_MODE,
-               fusion: str = DEFAULT_FUSION, rrf_k: int = DEFAULT_RRF_K, alpha: float = DEFAULT_ALPHA) -> list[Hit]:
+               fusion: str = DEFAULT_FUSION, rrf_k: int = DEFAULT_RRF_K, alpha: float = DEFAULT_ALPHA,
+               with_vectors: bool = False) -> list[Hit]:
         """Top-k hits for one query text or vector (see `search_batch`)."""
         if not isinstance(query, str) and np.asarray(query).ndim != 1:
             raise invalid("query", "must be one text or one vector; use search_batch for several")
@@ -670,19 +671,20 @@ class Collection:
         return self.search_batch([query] if isinstance(query, str) else np.asarray(query)[None, :], k, filter,
                                  vectors=None if vector is None else np.asarray(vector)[None, :], model=model,
                                  rescore_candidates=rescore_candidates, nprobe=nprobe, mode=mode,
-                                 fusion=fusion, rrf_k=rrf_k, alpha=alpha)[0]
+                                 fusion=fusion, rrf_k=rrf_k, alpha=alpha, with_vectors=with_vectors)[0]
 
     def search_batch(self, queries: Sequence[str] | np.ndarray | Sequence[Sequence[float]], k: int = 10,
                      filter: JSONDict | None = None, *, vectors: np.ndarray | Sequence[Sequence[float]] | None = None,
                      model: str | None = None, rescore_candidates: int | None = None, nprobe: int | None = None,
                      mode: str = DEFAULT_MODE, fusion: str = DEFAULT_FUSION, rrf_k: int = DEFAULT_RRF_K,
-                     alpha: float = DEFAULT_ALPHA) -> list[list[Hit]]:
+                     alpha: float = DEFAULT_ALPHA, with_vectors: bool = False) -> list[list[Hit]]:
         """Top-k hits per query. `nprobe` bounds the posting lists a SPANN index reads per query
         (more: higher recall, slower); the flat index ignores it. `mode`: "dense" (vectors),
         "lexical" (BM25 over the texts) or "hybrid" (both; `fusion` "weighted": min-max normalised
         scores, `alpha` on the dense side, or "rrf": reciprocal rank with `rrf_k`). Text queries
         are encoded with the collection's encoder unless `vectors` gives their dense side (a
-        collection of caller-made vectors searched in hybrid mode)."""
+        collection of caller-made vectors searched in hybrid mode). `with_vectors`: each hit
+        carries its stored vector, decoded from its codes (so approximate under a lossy codec)."""
         self._check_open()
         k = _check_k(k)
         nprobe = check_nprobe(nprobe)
@@ -713,15 +715,24 @@ class Collection:
                   for i in range(len(queries))]
         flat_ids = sorted({hit.id for row in ranked for hit in row})
         docs = dict(zip(flat_ids, self.store.get_documents([i.encode() for i in flat_ids]), strict=True))
+        stored = self._stored_vectors(flat_ids) if with_vectors else {}
         out = []
         for row in ranked:
             hits = []
             for hit in row:
                 doc = json.loads(docs[hit.id] or b"{}")
                 hits.append(Hit(hit.id, hit.score, doc.get("text"), doc.get("metadata", {}), hit.dense_score,
-                                hit.dense_rank, hit.lexical_score, hit.lexical_rank))
+                                hit.dense_rank, hit.lexical_score, hit.lexical_rank, stored.get(hit.id)))
             out.append(hits)
         return out
+
+    def _stored_vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Input-space vectors of `ids`, reconstructed from their stored codes."""
+        if not ids:
+            return {}
+        codec = self.scan_codec
+        codes = self.store.get_codes([i.encode() for i in ids], codec.bytes_per_vector, bulk=False)
+        return dict(zip(ids, codec.reconstruct(codes), strict=True))
 
     def _lexical_top(self, query: str, depth: int, allowed: np.ndarray | None) -> list[tuple[str, float]]:
         def passes(ids: list[str]) -> np.ndarray:

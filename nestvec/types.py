@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
+import numpy as np
+
 JSONDict = dict[str, Any]
 
 
@@ -18,6 +20,7 @@ class SearchOptions(TypedDict, total=False):
     fusion: str
     rrf_k: int
     alpha: float
+    with_vectors: bool
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class Hit:
     dense_rank: int | None = None
     lexical_score: float | None = None
     lexical_rank: int | None = None
+    vector: np.ndarray | None = field(default=None, compare=False, repr=False)  # with_vectors: stored vector
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import nestvec
 from nestvec.datasets import iter_corpus
 from nestvec.errors import InvalidArgumentError
 from nestvec.rag import RAG, OpenAIGenerator, TransformersGenerator
+from nestvec.rag.cache import PassageCache
 from nestvec.rag.context import Passage, attributed, pack
 from nestvec.rag.generators import Draft, Generator, Prompt
 from nestvec.rag.iterative import LoopStats, SpeculationCosts, plain_loop, speculative_loop
@@ -173,6 +174,65 @@ def test_speculative_retrieval_gives_the_plain_loops_output(scifact: Any, tiny_l
         speculated += spec.stats.speculated
     # both branches ran: some speculations held, some were wrong and rolled back
     assert rolled_back >= 1 and speculated > rolled_back
+
+
+@pytest.fixture(scope="module")
+def scifact_encoded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The same slice in a collection that knows its encoder, so text queries search densely."""
+    ids, vectors = shipped_embeddings("scifact")
+    texts = {d.id: d.text for d in iter_corpus(DATA / "scifact" / "corpus.jsonl")}
+    client = nestvec.connect(tmp_path_factory.mktemp("rag-dense"))
+    col = client.create_collection("d", encoder="all-MiniLM-L6-v2", codec="int8")
+    col.upsert(ids[:N], vectors=np.ascontiguousarray(vectors[:N]), texts=[texts[i] for i in ids[:N]])
+    yield col
+    client.close()
+
+
+def test_the_passage_cache_answers_in_the_stores_order() -> None:
+    cache = PassageCache(2)
+    a, b, c = Passage("a", "A", 0.0), Passage("b", "B", 0.0), Passage("c", "C", 0.0)
+    cache.add([b, a], np.array([[1.0, 0.0], [2.0, 0.0]]))  # stored unnormalised: scored as unit vectors
+    cache.add([a, c], np.array([[0.0, 1.0], [0.6, 0.8]]))  # a again keeps its first vector
+    assert len(cache) == 3
+    assert [p.id for p in cache.top_k(np.array([1.0, 0.0]), 3)] == ["a", "b", "c"]  # a tie broken by id
+    top = cache.top_k(np.array([0.0, 1.0]), 1)
+    assert [p.id for p in top] == ["c"] and top[0].score == pytest.approx(0.8) and top[0].text == "C"
+    cache.clear()
+    assert cache.top_k(np.array([1.0, 0.0]), 1) == []
+
+
+def test_speculation_from_the_local_cache_of_passages_and_vectors(scifact_encoded: Any,
+                                                                  tiny_lm: TransformersGenerator) -> None:
+    """RaLMSpec's cache: the store's top-(k + prefetch) with their vectors, searched with each
+    step's query vector. In dense mode it guesses better than the previous step's passages, the
+    loop picks it, and the text is the plain loop's."""
+    rag = RAG(scifact_encoded, tiny_lm, k=3, max_new_tokens=40, mode="dense", prefetch=12)
+    assert rag.query_encoder() is scifact_encoded.encoder
+    speculated: dict[str, int] = {}
+    for question in QUESTIONS:
+        plain = rag.answer_iterative(question, stride=4, query_words=3, speculative=False)
+        spec = rag.answer_iterative(question, stride=4, query_words=3, speculative=True, window=3, policy="always")
+        assert plain.stats is not None and spec.stats is not None
+        assert spec.text == plain.text and spec.citations == plain.citations
+        assert [[p.id for p in s.passages] for s in spec.stats.steps_log] == \
+            [[p.id for p in s.passages] for s in plain.stats.steps_log]
+        assert max(len(s.passages) for s in plain.stats.steps_log) <= 3  # prefetched passages are not packed
+        for source, count in spec.stats.speculated_from.items():
+            speculated[source] = speculated.get(source, 0) + count
+    costs = rag.speculation_costs
+    assert costs.source_rate("cache") > costs.source_rate("previous")
+    assert speculated.get("cache", 0) > speculated.get("previous", 0)
+    assert costs.best_source(["previous", "cache"]) == "cache"
+    with pytest.raises(InvalidArgumentError, match="prefetch"):
+        RAG(scifact_encoded, tiny_lm, prefetch=-1)
+
+
+def test_a_collection_without_an_encoder_speculates_from_the_previous_step(scifact: Any,
+                                                                          tiny_lm: TransformersGenerator) -> None:
+    rag = RAG(scifact, tiny_lm, k=2, max_new_tokens=16, mode="lexical")
+    assert rag.query_encoder() is None
+    answer = rag.answer_iterative(QUESTIONS[0], stride=4, query_words=3, policy="always")
+    assert answer.stats is not None and set(answer.stats.speculated_from) <= {"previous"}
 
 
 def test_speculation_costs_weigh_store_latency_against_a_wasted_step() -> None:

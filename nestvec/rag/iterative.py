@@ -2,8 +2,12 @@
 recent answer as the query) and RaLMSpec's speculative version of it (Zhang et al., 2024).
 
 Speculation: consecutive queries overlap almost entirely, so the passages a step will retrieve are
-usually the ones the step before retrieved. The speculative loop generates with those at once and
-checks them later, several steps in one SearchBatch, in a worker thread while generation goes on.
+usually among those earlier steps retrieved. Two sources guess them: the previous step's passages,
+and RaLMSpec's local cache (every passage the store returned this answer, with its vector, searched
+with the step's query vector: see nestvec.rag.cache). Each guess is scored against the store at
+every checked step, and the loop speculates from the source that has been right most often.
+The speculative loop generates with the guess at once and
+checks it later, several steps in one SearchBatch, in a worker thread while generation goes on.
 At the first step whose speculation the store contradicts, the answer is cut back to where that
 step began and continued with the store's passages. Every step therefore ends up generated from
 exactly the passages the plain loop would have retrieved for exactly the same draft, and the
@@ -23,6 +27,8 @@ from nestvec.rag.generators import Draft, Generator, Prompt
 
 RetrieveBatch = Callable[[Sequence[str]], list[list[Passage]]]
 Pack = Callable[[Sequence[Passage]], tuple[Prompt, list[Passage]]]
+Speculator = Callable[[str], list[Passage]]  # a step's query -> the passages guessed for it
+PREVIOUS = "previous"  # the speculation source every loop has: the last step's passages
 
 
 @dataclass
@@ -40,6 +46,7 @@ class LoopStats:
     store_queries: int = 0        # queries the store answered
     store_calls: int = 0          # search calls made (a SearchBatch of several queries is one)
     speculated: int = 0           # steps generated from speculated passages
+    speculated_from: dict[str, int] = field(default_factory=dict)  # of those, by source
     rolled_back: int = 0          # speculated steps found wrong (the first wrong one of each check)
     retrieve_s: float = 0.0       # time generation waited for the store
     generate_s: float = 0.0
@@ -99,6 +106,7 @@ class _Pending:
     before: Draft       # the draft the step started from
     query: str
     passages: list[Passage]
+    guesses: dict[str, list[Passage]] = field(default_factory=dict)  # every source's guess, to score
 
 
 SPECULATION_POLICIES = ("auto", "always")
@@ -119,8 +127,7 @@ class SpeculationCosts:
     store_s: float | None = None   # smoothed latency of one store call
     step_s: float | None = None    # the cheapest step generated so far
     miss_s: float | None = None    # smoothed generation time thrown away by one wrong speculation
-    hits: int = 0                  # steps whose passages were the previous step's
-    misses: int = 0
+    sources: dict[str, list[int]] = field(default_factory=dict)  # source -> [right, wrong] guesses
 
     def observe_store(self, seconds: float) -> None:
         self.store_s = _smooth(self.store_s, seconds)
@@ -131,15 +138,25 @@ class SpeculationCosts:
     def observe_waste(self, seconds: float) -> None:
         self.miss_s = _smooth(self.miss_s, seconds)
 
-    def observe_outcome(self, hit: bool) -> None:
-        if hit:
-            self.hits += 1
-        else:
-            self.misses += 1
+    def observe_outcome(self, hit: bool, source: str = PREVIOUS) -> None:
+        self.sources.setdefault(source, [0, 0])[0 if hit else 1] += 1
+
+    def source_rate(self, source: str) -> float:
+        right, wrong = self.sources.get(source, (0, 0))
+        return (right + 1) / (right + wrong + 2)  # a uniform prior: 1/2 before any evidence
+
+    def best_source(self, available: Sequence[str] = (PREVIOUS,)) -> str:
+        """The source right most often so far (the previous step's passages on a tie)."""
+        return max(available, key=lambda s: (self.source_rate(s), s == PREVIOUS))
+
+    def worth_asking(self, source: str, margin: float = 0.15, after: int = 8) -> bool:
+        """Keep computing a source's guesses until it has clearly lost to the best one."""
+        right, wrong = self.sources.get(source, (0, 0))
+        return right + wrong < after or self.source_rate(source) + margin >= self.hit_rate
 
     @property
     def hit_rate(self) -> float:
-        return (self.hits + 1) / (self.hits + self.misses + 2)  # a uniform prior: 1/2 before any evidence
+        return max((self.source_rate(s) for s in self.sources), default=self.source_rate(PREVIOUS))
 
     def worth_speculating(self) -> bool:
         miss = self.miss_s if self.miss_s is not None else self.step_s
@@ -155,10 +172,12 @@ def _smooth(previous: float | None, seconds: float) -> float:
 def speculative_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generator: Generator, *,
                      stride: int, max_new_tokens: int, query_words: int, window: int = 4,
                      overlap: bool = True, policy: str = "auto",
-                     costs: SpeculationCosts | None = None) -> tuple[Draft, LoopStats]:
+                     costs: SpeculationCosts | None = None,
+                     speculators: dict[str, Speculator] | None = None) -> tuple[Draft, LoopStats]:
     """The plain loop's output, with the store asked once per up to `window` steps instead of
     every step (in a worker thread while generation continues, when `overlap`). `policy` "auto"
-    speculates only where SpeculationCosts expects it to pay; "always" speculates at every step."""
+    speculates only where SpeculationCosts expects it to pay; "always" speculates at every step.
+    `speculators`: guess sources beside the previous step's passages (e.g. the local cache)."""
     if policy not in SPECULATION_POLICIES:
         raise invalid("policy", f"must be one of {', '.join(SPECULATION_POLICIES)}, got {policy!r}")
     schedule = _schedule(max_new_tokens, stride)
@@ -202,12 +221,26 @@ def speculative_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generat
         stats.store_queries += len(batch)
         return pool.submit(timed, queries), batch
 
+    extra = dict(speculators or {})
+
+    def guesses(query: str) -> dict[str, list[Passage]]:
+        """Each source's guess for a step; a source that has clearly lost is no longer asked."""
+        out = {PREVIOUS: last} if last else {}
+        for name, guess in extra.items():
+            if costs.worth_asking(name) and (found := guess(query)):
+                out[name] = found
+        return out
+
+    def score(guessed: dict[str, list[Passage]], truth: list[Passage]) -> None:
+        for name, passages in guessed.items():
+            costs.observe_outcome(_same(passages, truth), name)
+
     def check(batch: list[_Pending], truths: list[list[Passage]]) -> _Pending | None:
         """Compare speculations with the store; at the first wrong one, rewind to it."""
         nonlocal draft, known, last, pending, current
         for spec, truth in zip(batch, truths, strict=True):
             hit = _same(spec.passages, truth)
-            costs.observe_outcome(hit)
+            score(spec.guesses, truth)
             if not hit:
                 stats.rolled_back += 1
                 draft, known, last = spec.before, truth, truth
@@ -231,12 +264,15 @@ def speculative_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generat
         index = 0
         while index < len(schedule) and not draft.finished:
             query = recent_query(question, draft, query_words)
+            guessed = guesses(query) if known is None else {}
             if known is not None:
                 passages, known = known, None
-            elif last and (policy == "always" or costs.worth_speculating()):
-                passages = last
-                pending.append(_Pending(index, draft, query, passages))
+            elif guessed and (policy == "always" or costs.worth_speculating()):
+                source = costs.best_source(list(guessed))
+                passages = guessed[source]
+                pending.append(_Pending(index, draft, query, passages, guessed))
                 stats.speculated += 1
+                stats.speculated_from[source] = stats.speculated_from.get(source, 0) + 1
             else:
                 # wait for the store: this step's query goes with every unchecked speculation
                 wrong = settle(in_flight) if in_flight is not None else None
@@ -249,8 +285,7 @@ def speculative_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generat
                     index = wrong.index
                     continue
                 passages = truths[-1]
-                if last:  # would speculating have been right? learnt without risking a step
-                    costs.observe_outcome(_same(last, passages))
+                score(guessed, passages)  # would speculating have been right? learnt without risking a step
             last = passages
             prompt, packed = pack(passages)
             start = time.perf_counter()

@@ -4,19 +4,24 @@ passages into the generator's context, answer with citations back to passage ids
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Unpack
 
+import numpy as np
+
 from nestvec.client.base import CollectionHandle
-from nestvec.errors import invalid
+from nestvec.encoders import Encoder
+from nestvec.errors import NestvecError, invalid
+from nestvec.rag.cache import PassageCache
 from nestvec.rag.context import Passage, attributed, cited_numbers, pack
 from nestvec.rag.generators import DEFAULT_TEMPLATE, Generator, Prompt, check_template
-from nestvec.rag.iterative import LoopStats, SpeculationCosts, Step, plain_loop, speculative_loop
+from nestvec.rag.iterative import LoopStats, SpeculationCosts, Speculator, Step, plain_loop, speculative_loop
 from nestvec.types import JSONDict, SearchOptions
 
 DEFAULT_K = 5
 DEFAULT_MAX_NEW_TOKENS = 200
+DEFAULT_PREFETCH = 20  # RaLMSpec's prefetch: extra passages per store call that fill the local cache
 RAG_MODE = "hybrid"  # the question is text, passages have texts: fusion beat dense on both test sets
 
 
@@ -53,22 +58,58 @@ class RAG:
 
     Search options (`mode`, `fusion`, `alpha`, `nprobe`, ...) go to every search the pipeline makes;
     the mode defaults to hybrid. `prompt_template` is the user message, with `{context}` (the
-    numbered passages) and `{question}` in it."""
+    numbered passages) and `{question}` in it.
+
+    Iterative answers ask the store for `prefetch` passages beyond k (the same search in the plain
+    and the speculative loop, so both see the same top-k); the speculative loop caches them with
+    their vectors and guesses from that cache, using `query_encoder` (default: the collection's
+    own encoder, or for a remote collection the same model loaded here when it is available)."""
 
     def __init__(self, collection: CollectionHandle, generator: Generator, *, k: int = DEFAULT_K,
                  filter: JSONDict | None = None, prompt_template: str = DEFAULT_TEMPLATE,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **search: Unpack[SearchOptions]) -> None:
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, prefetch: int = DEFAULT_PREFETCH,
+                 query_encoder: Encoder | None = None, **search: Unpack[SearchOptions]) -> None:
         self.collection, self.generator = collection, generator
         self.k = _check_positive(k, "k")
         self.max_new_tokens = _check_positive(max_new_tokens, "max_new_tokens")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise invalid("prefetch", f"must be an integer >= 0, got {prefetch!r}")
+        self.prefetch = prefetch
         self.filter, self.template = filter, check_template(prompt_template)
         self.search: SearchOptions = {"mode": RAG_MODE, **search}
         self.speculation_costs = SpeculationCosts()  # measured by each speculative answer, used by the next
+        self._query_encoder: Encoder | bool | None = query_encoder if query_encoder is not None else False
 
     def retrieve_batch(self, queries: Sequence[str]) -> list[list[Passage]]:
         """Top-k passages per query, as the pipeline sees them (ties broken by id in the store)."""
         hits = self.collection.search_batch(list(queries), self.k, self.filter, **self.search)
         return [[Passage.from_hit(h) for h in row] for row in hits]
+
+    def _retrieve_into(self, cache: PassageCache | None) -> Callable[[Sequence[str]], list[list[Passage]]]:
+        """Iterative retrieval: top-(k + prefetch), the first k used, all of them cached."""
+        def retrieve(queries: Sequence[str]) -> list[list[Passage]]:
+            options: SearchOptions = {**self.search, "with_vectors": cache is not None}
+            rows = self.collection.search_batch(list(queries), self.k + self.prefetch, self.filter, **options)
+            out = []
+            for row in rows:
+                passages = [Passage.from_hit(h) for h in row]
+                vectors = [h.vector for h in row]
+                if cache is not None and passages and all(v is not None for v in vectors):
+                    cache.add(passages, np.stack([v for v in vectors if v is not None]))
+                out.append(passages[:self.k])
+            return out
+        return retrieve
+
+    def query_encoder(self) -> Encoder | None:
+        """The encoder that embeds speculation queries like the store embeds them, if one is here."""
+        if self._query_encoder is False:
+            self._query_encoder = _same_encoder(self.collection)
+        return self._query_encoder if isinstance(self._query_encoder, Encoder) else None
+
+    def _cache_speculator(self, cache: PassageCache, encoder: Encoder) -> Speculator:
+        def guess(query: str) -> list[Passage]:
+            return cache.top_k(encoder.encode(query, kind="query"), self.k) if len(cache) else []
+        return guess
 
     def retrieve(self, question: str) -> list[Passage]:
         return self.retrieve_batch([question])[0]
@@ -104,12 +145,14 @@ class RAG:
         _check_positive(window, "window")
         kwargs: dict[str, Any] = {"stride": stride, "max_new_tokens": self.max_new_tokens, "query_words": query_words}
         if speculative:
-            draft, stats = speculative_loop(question, self.retrieve_batch, lambda p: self._pack(question, p),
+            encoder = self.query_encoder()
+            cache = PassageCache(encoder.dim) if encoder is not None else None
+            speculators = {"cache": self._cache_speculator(cache, encoder)} if cache is not None and encoder else {}
+            draft, stats = speculative_loop(question, self._retrieve_into(cache), lambda p: self._pack(question, p),
                                             self.generator, window=window, overlap=overlap, policy=policy,
-                                            costs=self.speculation_costs,
-                                            **kwargs)
+                                            costs=self.speculation_costs, speculators=speculators, **kwargs)
         else:
-            draft, stats = plain_loop(question, self.retrieve_batch, lambda p: self._pack(question, p),
+            draft, stats = plain_loop(question, self._retrieve_into(None), lambda p: self._pack(question, p),
                                       self.generator, **kwargs)
         used: dict[str, Passage] = {}
         for step in stats.steps_log:
@@ -118,6 +161,27 @@ class RAG:
         cited, by = _citations(draft.text, stats.steps_log, list(used.values()))
         return Answer(draft.text, list(used.values()), cited, self.generator.name, stats.retrieve_s, stats.generate_s,
                       stats=stats, cited_by=by)
+
+
+def _same_encoder(collection: CollectionHandle) -> Encoder | None:
+    """The collection's encoder (embedded), or the model a remote collection names, loaded here
+    when its weights are here too; None for raw-vector collections and unknown models."""
+    try:
+        own = getattr(collection, "encoder", None)  # an embedded collection's property raises without one
+    except NestvecError:
+        return None
+    if isinstance(own, Encoder):
+        return own
+    identity = collection.info().get("encoder")
+    if not identity:
+        return None
+    from nestvec.encoders import load_encoder
+
+    try:
+        encoder = load_encoder(str(identity["model"]), layers=identity.get("layers"))
+    except NestvecError:
+        return None  # a model that is not on this machine: guess from the previous step only
+    return encoder if encoder.identity.weights_sha256 == identity.get("weights_sha256") else None
 
 
 def _citations(text: str, steps: Sequence[Step], passages: Sequence[Passage]) -> tuple[list[str], str]:

@@ -199,9 +199,10 @@ class PointsService(pb_grpc.PointsServicer):
         rescore = options["rescore_candidates"]
         flt = convert.from_json(request.filter_json, "filter")
         vector = collection.embed_queries(query if text_vector is None else text_vector, request.model or None)
-        key = (id(collection), k, request.filter_json, rescore, nprobe)
+        with_vectors = options["with_vectors"]
+        key = (id(collection), k, request.filter_json, rescore, nprobe, with_vectors)
         hits = self._searches.search(key, vector[0], lambda vectors: collection.search_batch(
-            vectors, k, flt, rescore_candidates=rescore, nprobe=nprobe))
+            vectors, k, flt, rescore_candidates=rescore, nprobe=nprobe, with_vectors=with_vectors))
         return pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits])
 
     @rpc

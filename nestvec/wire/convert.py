@@ -68,13 +68,16 @@ def to_pb_hit(hit: Hit) -> pb.Hit:
     for name in _SIDE_FIELDS:
         if (value := getattr(hit, name)) is not None:
             setattr(message, name, value)
+    if hit.vector is not None:
+        message.vector = np.ascontiguousarray(hit.vector, dtype="<f4").tobytes()
     return message
 
 
 def from_pb_hit(message: pb.Hit) -> Hit:
     sides = {name: getattr(message, name) if message.HasField(name) else None for name in _SIDE_FIELDS}
+    vector = np.frombuffer(message.vector, dtype="<f4").astype(np.float32) if message.vector else None
     return Hit(message.id, float(message.score), message.text if message.HasField("text") else None,
-               from_json_object(message.metadata_json, "hit.metadata_json"), **sides)
+               from_json_object(message.metadata_json, "hit.metadata_json"), **sides, vector=vector)
 
 
 _SIDE_FIELDS = ("dense_score", "dense_rank", "lexical_score", "lexical_rank")
@@ -90,11 +93,13 @@ def to_pb_params(options: SearchOptions) -> pb.SearchParams:
     rrf_k, alpha = options.get("rrf_k", DEFAULT_RRF_K), options.get("alpha", DEFAULT_ALPHA)
     check_fusion(mode, fusion, rrf_k, alpha)
     return pb.SearchParams(rescore_candidates=rescore or 0, nprobe=int(min(nprobe or 0, 2**32 - 1)), mode=mode,
-                           fusion=fusion, rrf_k=int(min(rrf_k, 2**32 - 1)), alpha=float(alpha))
+                           fusion=fusion, rrf_k=int(min(rrf_k, 2**32 - 1)), alpha=float(alpha),
+                           with_vectors=bool(options.get("with_vectors", False)))
 
 
 def from_pb_params(params: pb.SearchParams) -> SearchOptions:
     return SearchOptions(rescore_candidates=params.rescore_candidates or None, nprobe=params.nprobe or None,
                          mode=params.mode or DEFAULT_MODE, fusion=params.fusion or DEFAULT_FUSION,
                          rrf_k=params.rrf_k or DEFAULT_RRF_K,
-                         alpha=params.alpha if params.HasField("alpha") else DEFAULT_ALPHA)
+                         alpha=params.alpha if params.HasField("alpha") else DEFAULT_ALPHA,
+                         with_vectors=params.with_vectors)

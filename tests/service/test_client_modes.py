@@ -131,3 +131,20 @@ def test_lexical_and_hybrid_search_over_both_transports(any_client: ClientBase) 
         col.search_batch([query], k=3, vectors=VECTORS[:2], mode="hybrid")
     assert len(col.search('AND ( title: "cell*', k=3, mode="lexical")) == 3  # searched as plain words
     assert col.search("  ", k=3, mode="lexical") == []
+
+
+def test_hits_carry_their_stored_vectors_when_asked(any_client: ClientBase) -> None:
+    """with_vectors (as in Qdrant): each hit's vector decoded from its codes, on both transports,
+    also for hits only the lexical side found; absent unless asked."""
+    col = _filled(any_client, 50)
+    plain = col.search(VECTORS[3], k=4)
+    assert all(h.vector is None for h in plain)
+    hits = col.search(VECTORS[3], k=4, with_vectors=True)
+    assert [h.id for h in hits] == [h.id for h in plain]
+    for hit in hits:
+        assert hit.vector is not None and hit.vector.dtype == np.float32 and hit.vector.shape == (384,)
+        truth = VECTORS[IDS.index(hit.id)]
+        assert float(hit.vector @ truth) / float(np.linalg.norm(hit.vector)) > 0.99  # fp8: close, not exact
+        assert float(hit.vector @ VECTORS[3]) == pytest.approx(hit.score, abs=0.02)
+    rows = col.search_batch(["text 7", "text 9"], k=3, vectors=VECTORS[7:9], mode="hybrid", with_vectors=True)
+    assert all(h.vector is not None for row in rows for h in row)
