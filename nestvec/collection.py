@@ -24,9 +24,20 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from nestvec.checks import (
+    JOB_PREFIX,
+    IdLike,
+    check_checkpoint,
+    check_ids,
+    check_k,
+    check_nprobe,
+    check_upsert,
+    check_vectors,
+)
+from nestvec.collection_base import EncodedCollection
 from nestvec.compression import Codec, make_codec
 from nestvec.concurrency import ReadWriteLock
-from nestvec.encoders import Encoder, load_encoder
+from nestvec.encoders import Encoder
 from nestvec.errors import FailedPreconditionError, NotFoundError, invalid
 from nestvec.fsutil import read_json, write_json
 from nestvec.index.buffered import BufferedSpann
@@ -47,17 +58,15 @@ from nestvec.index.spann import SpannConfig, SpannIndex
 from nestvec.index.store import LmdbStore, Put
 from nestvec.index.topk import rerank
 from nestvec.memory import trim_heap
-from nestvec.types import CollectionConfig, Hit, JSONDict, Record, UpsertBatch
+from nestvec.types import CollectionConfig, EncoderIdentity, Hit, JSONDict, Record, UpsertBatch
 
 log = logging.getLogger(__name__)
-MAX_K = 10_000
 # Until a codec that needs fitting has this many vectors (or fit_codec() is called), vectors are
 # kept as exact float32 "staged" codes; then the codec is fitted on all of them and they are
 # re-encoded in one transaction. Small collections thus stay exact and never fit on a handful.
 FIT_THRESHOLD = 1024
 CODES_FORMAT = b"codes_format"
 STAGED, ENCODED = b"staged-fp32", b"codec"
-MAX_ID_BYTES = 256
 DEFAULT_RESCORE_FACTOR = 4
 CONFIG_FILE = "collection.json"
 CODEC_DIR = "codec"
@@ -84,87 +93,8 @@ LEXICAL_SEQ, LEXICAL_LOG = b"lexical_seq", b"lexical_log/"
 LEXICAL_DIR = "lexical"
 LEXICAL_COMMIT_S = 1.0  # longest a bulk stream leaves lexical changes uncommitted
 RECODE_FIT_SAMPLE = 4096
-JOB_PREFIX = b"job/"       # meta keys of bulk jobs' checkpoints
-MAX_JOB_NAME, MAX_CHECKPOINT_BYTES = 200, 64 << 10
 
-IdLike = str | int
 QueryLike = str | Sequence[float] | np.ndarray
-
-
-def _check_checkpoint(checkpoint: tuple[str, JSONDict] | None) -> dict[bytes, bytes]:
-    """The meta entry a checkpoint is stored as (none without one)."""
-    if checkpoint is None:
-        return {}
-    if not isinstance(checkpoint, tuple) or len(checkpoint) != 2:
-        raise invalid("checkpoint", "must be a (job name, state dict) pair")
-    name, state = checkpoint
-    if not isinstance(name, str) or not 0 < len(name.encode()) <= MAX_JOB_NAME:
-        raise invalid("checkpoint", f"job name must be a non-empty string of at most {MAX_JOB_NAME} bytes")
-    if not isinstance(state, dict):
-        raise invalid("checkpoint", f"state must be a JSON object, got {type(state).__name__}")
-    try:
-        value = json.dumps(state, allow_nan=False).encode()
-    except (TypeError, ValueError) as err:
-        raise invalid("checkpoint", f"state is not JSON: {err}") from None
-    if len(value) > MAX_CHECKPOINT_BYTES:
-        raise invalid("checkpoint", f"state is {len(value)} bytes; at most {MAX_CHECKPOINT_BYTES}")
-    return {JOB_PREFIX + name.encode(): value}
-
-
-def _check_ids(ids: Sequence[IdLike], field: str = "ids") -> list[str]:
-    if isinstance(ids, str | int) or not isinstance(ids, Sequence):
-        raise invalid(field, "must be a list of ids")
-    out: list[str] = []
-    seen: dict[str, int] = {}
-    for i, raw in enumerate(ids):
-        if isinstance(raw, bool) or not isinstance(raw, str | int):
-            raise invalid(f"{field}[{i}]", f"must be a string or integer, got {type(raw).__name__}")
-        value = str(raw)
-        if not value or len(value.encode()) > MAX_ID_BYTES:
-            raise invalid(f"{field}[{i}]", f"must be 1 to {MAX_ID_BYTES} bytes of UTF-8")
-        if value in seen:
-            raise invalid(field, f"duplicate id {value!r} at positions {seen[value]} and {i}")
-        seen[value] = i
-        out.append(value)
-    return out
-
-
-def _check_metadata(metadata: Sequence[JSONDict | None] | None, n: int) -> list[JSONDict]:
-    if metadata is None:
-        return [{} for _ in range(n)]
-    if len(metadata) != n:
-        raise invalid("metadata", f"has {len(metadata)} entries for {n} ids")
-    out = []
-    for i, meta in enumerate(metadata):
-        meta = {} if meta is None else meta
-        if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
-            raise invalid(f"metadata[{i}]", "must be a JSON object with string keys")
-        try:
-            json.dumps(meta, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            raise invalid(f"metadata[{i}]", f"is not JSON-serialisable: {err}") from None
-        out.append(meta)
-    return out
-
-
-def _check_vectors(vectors: Any, dim: int, field: str) -> np.ndarray:
-    """float32 [n, dim], finite, non-zero, L2-normalised (the collection's metric is cosine)."""
-    try:
-        arr = np.asarray(vectors, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise invalid(field, f"must be numeric: {err}") from None
-    if arr.ndim == 1:
-        arr = arr[None, :]
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        got = arr.shape[-1] if arr.ndim >= 1 else 0
-        raise invalid(field, f"wrong dimension: collection has dim {dim}, got {got} (shape {arr.shape})")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise invalid(f"{field}[{int(np.argmax(bad))}]", "contains NaN or inf")
-    norms = np.linalg.norm(arr, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise invalid(f"{field}[{int(np.argmax(norms[:, 0] == 0))}]", "is the zero vector")
-    return np.ascontiguousarray(arr / norms, dtype=np.float32)
 
 
 def _codec_dir(generation: str) -> str:
@@ -179,21 +109,7 @@ def _pack(value: int) -> bytes:
     return struct.pack(">q", value)
 
 
-def check_nprobe(nprobe: int | None) -> int | None:
-    if nprobe is None or nprobe == 0:
-        return None
-    if isinstance(nprobe, bool) or not isinstance(nprobe, int | np.integer) or not 1 <= nprobe <= 65_536:
-        raise invalid("nprobe", f"must be an integer between 1 and 65536, got {nprobe!r}")
-    return int(nprobe)
-
-
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
-        raise invalid("k", f"must be an integer between 1 and {MAX_K}, got {k!r}")
-    return int(k)
-
-
-class Collection:
+class Collection(EncodedCollection):
     """Documents, codes and metadata of one collection, searchable exactly through its codec."""
 
     def __init__(self, folder: Path, *, encoder: Encoder | None = None) -> None:
@@ -211,6 +127,7 @@ class Collection:
         self._lock = ReadWriteLock()
         self._closed: str | None = None
         self._staging_codec = make_codec("fp32", self.config.dim)
+        self.auto_fit = True  # a shard's codec is fitted once for the whole collection and handed in (adopt_codec)
         # opened up front: not possible inside a write
         self.postings = PostingStore(self.store.env, _postings_name(self._generation))
         codes_format = self.store.get_meta(CODES_FORMAT)
@@ -228,23 +145,24 @@ class Collection:
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
-    def create(cls, folder: Path, name: str, *, encoder: Encoder | None, dim: int | None,
+    def create(cls, folder: Path, name: str, *, encoder: Encoder | EncoderIdentity | None, dim: int | None,
                codec: str, index: str = "auto") -> Collection:
-        """Write the config and (unfitted) codec into `folder`, which must not exist yet."""
+        """Write the config and (unfitted) codec into `folder`, which must not exist yet. An
+        EncoderIdentity records the model without loading it (a shard is handed vectors only)."""
         if index not in INDEX_KINDS:
             raise invalid("index", f"must be one of {', '.join(INDEX_KINDS)}, got {index!r}")
-        if encoder is not None:
-            if dim is not None and dim != encoder.dim:
-                raise invalid("dim", f"encoder {encoder.identity.model} makes {encoder.dim}-d vectors, not {dim}")
-            dim = encoder.dim
+        identity = encoder if isinstance(encoder, EncoderIdentity) else encoder.identity if encoder else None
+        if identity is not None:
+            if dim is not None and dim != identity.dim:
+                raise invalid("dim", f"encoder {identity.model} makes {identity.dim}-d vectors, not {dim}")
+            dim = identity.dim
         if dim is None or isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise invalid("dim", "a collection without an encoder needs a positive integer dim")
         spec = make_codec(codec, dim)
-        config = CollectionConfig(name=name, dim=dim, codec=spec.spec,
-                                  encoder=encoder.identity if encoder else None, index=index)
+        config = CollectionConfig(name=name, dim=dim, codec=spec.spec, encoder=identity, index=index)
         spec.save(folder / CODEC_DIR)
         write_json(folder / CONFIG_FILE, config.to_json())
-        return cls(folder, encoder=encoder)
+        return cls(folder, encoder=None if isinstance(encoder, EncoderIdentity) else encoder)
 
     def close(self, reason: str = "closed") -> None:
         if self._closed is None:
@@ -312,36 +230,6 @@ class Collection:
         self.spann.add(np.arange(base, next_vid), codes)
         self.spann.buffer.remove(np.flatnonzero(~live[base:]))
 
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    # -- encoder -----------------------------------------------------------------------------
-    def _attach_encoder(self, encoder: Encoder) -> None:
-        expected = self.config.encoder
-        if expected is None:
-            raise FailedPreconditionError(f"collection {self.name!r} stores raw vectors and has no encoder")
-        got = encoder.identity
-        if got.weights_sha256 != expected.weights_sha256 or encoder.dim != expected.dim:
-            raise FailedPreconditionError(
-                f"encoder {got.model} ({got.weights_sha256[:12]}) differs from "
-                f"collection {self.name!r}'s {expected.model} ({expected.weights_sha256[:12]})")
-        if got.layers != expected.layers:
-            raise FailedPreconditionError(
-                f"encoder {got.model} runs {got.layers or 'all'} layers; collection {self.name!r} was built "
-                f"with {expected.layers or 'all'} (its vectors would not compare)")
-        self._encoder = encoder
-
-    @property
-    def encoder(self) -> Encoder:
-        if self._encoder is None:
-            if self.config.encoder is None:
-                raise FailedPreconditionError(
-                    f"collection {self.name!r} has no encoder: pass vectors instead of texts")
-            self._attach_encoder(load_encoder(self.config.encoder.model, layers=self.config.encoder.layers))
-        assert self._encoder is not None
-        return self._encoder
-
     # -- writes ------------------------------------------------------------------------------
     def upsert(self, ids: Sequence[IdLike], texts: Sequence[str | None] | None = None,
                vectors: Any = None, metadata: Sequence[JSONDict | None] | None = None, *,
@@ -351,29 +239,10 @@ class Collection:
         `checkpoint` (name, state) is saved in that same transaction: a bulk job records how far
         it got, and after a crash the state read back from `jobs()` matches what was written."""
         self._check_open()
-        job_meta = _check_checkpoint(checkpoint)
-        keys = _check_ids(ids)
+        job_meta = check_checkpoint(checkpoint)
+        keys, texts, given, metas = check_upsert(ids, texts, vectors, metadata, self.config.dim)
         n = len(keys)
-        if n == 0:
-            raise invalid("ids", "empty batch")
-        if texts is not None:
-            if isinstance(texts, str) or len(texts) != n:
-                raise invalid("texts", f"must be a list with one entry per id ({n})")
-            for i, text in enumerate(texts):
-                if text is not None and not isinstance(text, str):
-                    raise invalid(f"texts[{i}]", f"must be a string, got {type(text).__name__}")
-        metas = _check_metadata(metadata, n)
-        if vectors is not None:
-            vecs = _check_vectors(vectors, self.config.dim, "vectors")
-            if len(vecs) != n:
-                raise invalid("vectors", f"has {len(vecs)} rows for {n} ids")
-        elif texts is None:
-            raise invalid("texts", "give texts, vectors or both")
-        else:
-            missing = [i for i, t in enumerate(texts) if t is None]
-            if missing:
-                raise invalid(f"texts[{missing[0]}]", "is null and no vector was given")
-            vecs = self.encoder.encode([t or "" for t in texts], kind="document")
+        vecs = given if given is not None else self.encoder.encode([t or "" for t in texts or []], kind="document")
         with self._lock.write():
             codes = self.scan_codec.encode(vecs)
             rescore = self.codec.rescore.encode(vecs) if self.codec.rescore and not self._staged else None
@@ -453,7 +322,7 @@ class Collection:
         """Housekeeping after a committed write: fit the codec, choose or rebuild the index, flush."""
         if self.spann is None:
             self._maybe_compact()
-            if self._staged and self.count() >= self.fit_threshold:
+            if self._staged and self.auto_fit and self.count() >= self.fit_threshold:
                 self._fit_locked(self._staging_codec.decode(self.index.codes()[self.index.live[: self.index.rows]]))
             if self._wants_spann():
                 self._build_spann()
@@ -563,11 +432,25 @@ class Collection:
     def fit_codec(self, sample: Any) -> None:
         """Fit the codec on a representative sample now (while its vectors are still staged or none exist)."""
         self._check_open()
-        vecs = _check_vectors(sample, self.config.dim, "sample")
+        vecs = check_vectors(sample, self.config.dim, "sample")
         with self._lock.write():
             if not self._staged and self.count() > 0:
                 raise FailedPreconditionError(f"collection {self.name!r} already holds codes; its codec is fixed")
             self._fit_locked(vecs)
+
+    def adopt_codec(self, codec: Codec) -> None:
+        """Take a codec fitted elsewhere (one shared by every shard of a collection, so their scores
+        compare) and re-encode the staged vectors with it."""
+        self._check_open()
+        if not codec.fitted or codec.spec != self.codec.spec or codec.dim != self.config.dim:
+            raise invalid("codec", f"must be a fitted {self.codec.spec!r} codec of {self.config.dim} dims")
+        with self._lock.write():
+            if not self._staged:
+                raise FailedPreconditionError(f"collection {self.name!r} already holds codes; its codec is fixed")
+            self.codec = codec
+            self._encode_staged()
+            if self._wants_spann():
+                self._build_spann()
 
     def _fit_locked(self, sample: np.ndarray) -> None:
         """Fit once, then freeze: codes are never re-calibrated per batch."""
@@ -593,20 +476,24 @@ class Collection:
         self.index = FlatIndex(self.codec)
         self.index.append(codes)
 
-    def delete(self, ids: Sequence[IdLike]) -> int:
-        """Remove documents in one transaction; unknown ids are ignored. Returns how many existed."""
+    def delete(self, ids: Sequence[IdLike], *, checkpoint: tuple[str, JSONDict] | None = None) -> int:
+        """Remove documents in one transaction; unknown ids are ignored. Returns how many existed.
+        `checkpoint` is saved in that transaction, as in upsert (even when nothing was there)."""
         self._check_open()
-        keys = _check_ids(ids)
+        job_meta = check_checkpoint(checkpoint)
+        keys = check_ids(ids)
         with self._lock.write():
             present = [k for k in keys if k in self._row_of]
             if present:
                 index_write, apply = self._stage_removal(present)
                 sequence, logged = self._lexical_log(present)
-                self.store.write([], [k.encode() for k in present], meta=logged, index=index_write)
+                self.store.write([], [k.encode() for k in present], meta={**logged, **job_meta}, index=index_write)
                 apply()
                 self._apply_lexical(sequence, [], present)
                 self._forget(present)
                 self._after_write()
+            elif job_meta:
+                self.store.write([], meta=job_meta)
         return len(present)
 
     def _forget(self, keys: Sequence[str]) -> None:
@@ -636,27 +523,12 @@ class Collection:
 
     def get(self, ids: Sequence[IdLike]) -> list[Record | None]:
         self._check_open()
-        keys = _check_ids(ids)
+        keys = check_ids(ids)
         out: list[Record | None] = []
         for key, raw in zip(keys, self.store.get_documents([k.encode() for k in keys]), strict=True):
             doc = None if raw is None else json.loads(raw)
             out.append(None if doc is None else Record(key, doc["text"], doc["metadata"]))
         return out
-
-    def embed_queries(self, queries: str | Sequence[str] | np.ndarray | Sequence[Sequence[float]],
-                      model: str | None = None) -> np.ndarray:
-        """Texts are encoded with the collection's encoder; vectors are checked against it."""
-        if isinstance(queries, str):
-            queries = [queries]
-        if isinstance(queries, Sequence) and queries and all(isinstance(q, str) for q in queries):
-            return self.encoder.encode([str(q) for q in queries], kind="query")
-        if model is not None and (self.config.encoder is None or not self.config.encoder.matches(model)):
-            have = self.config.encoder.model if self.config.encoder else "raw vectors"
-            raise FailedPreconditionError(f"query vectors come from {model!r}; collection {self.name!r} holds {have}")
-        vectors = _check_vectors(queries, self.config.dim, "query") if len(queries) else np.zeros((0, 0))
-        if not len(vectors):
-            raise invalid("queries", "empty batch")
-        return vectors
 
     def search(self, query: QueryLike, k: int = 10, filter: JSONDict | None = None, *,
                vector: Sequence[float] | np.ndarray | None = None, model: str | None = None,
@@ -686,7 +558,7 @@ class Collection:
         collection of caller-made vectors searched in hybrid mode). `with_vectors`: each hit
         carries its stored vector, decoded from its codes (so approximate under a lossy codec)."""
         self._check_open()
-        k = _check_k(k)
+        k = check_k(k)
         nprobe = check_nprobe(nprobe)
         check_fusion(mode, fusion, rrf_k, alpha)
         if not len(queries):

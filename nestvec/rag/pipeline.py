@@ -63,12 +63,14 @@ class RAG:
     Iterative answers ask the store for `prefetch` passages beyond k (the same search in the plain
     and the speculative loop, so both see the same top-k); the speculative loop caches them with
     their vectors and guesses from that cache, using `query_encoder` (default: the collection's
-    own encoder, or for a remote collection the same model loaded here when it is available)."""
+    own encoder, or for a remote collection the same model loaded here when it is available);
+    `speculation_cache=False` guesses from the previous step's passages only."""
 
     def __init__(self, collection: CollectionHandle, generator: Generator, *, k: int = DEFAULT_K,
                  filter: JSONDict | None = None, prompt_template: str = DEFAULT_TEMPLATE,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, prefetch: int = DEFAULT_PREFETCH,
-                 query_encoder: Encoder | None = None, **search: Unpack[SearchOptions]) -> None:
+                 query_encoder: Encoder | None = None, speculation_cache: bool = True,
+                 **search: Unpack[SearchOptions]) -> None:
         self.collection, self.generator = collection, generator
         self.k = _check_positive(k, "k")
         self.max_new_tokens = _check_positive(max_new_tokens, "max_new_tokens")
@@ -79,6 +81,7 @@ class RAG:
         self.search: SearchOptions = {"mode": RAG_MODE, **search}
         self.speculation_costs = SpeculationCosts()  # measured by each speculative answer, used by the next
         self._query_encoder: Encoder | bool | None = query_encoder if query_encoder is not None else False
+        self.speculation_cache = speculation_cache
 
     def retrieve_batch(self, queries: Sequence[str]) -> list[list[Passage]]:
         """Top-k passages per query, as the pipeline sees them (ties broken by id in the store)."""
@@ -145,7 +148,7 @@ class RAG:
         _check_positive(window, "window")
         kwargs: dict[str, Any] = {"stride": stride, "max_new_tokens": self.max_new_tokens, "query_words": query_words}
         if speculative:
-            encoder = self.query_encoder()
+            encoder = self.query_encoder() if self.speculation_cache else None
             cache = PassageCache(encoder.dim) if encoder is not None else None
             speculators = {"cache": self._cache_speculator(cache, encoder)} if cache is not None and encoder else {}
             draft, stats = speculative_loop(question, self._retrieve_into(cache), lambda p: self._pack(question, p),

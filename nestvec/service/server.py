@@ -20,7 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from nestvec.catalog import DEFAULT_CODEC, Catalog
-from nestvec.collection import Collection, check_nprobe
+from nestvec.checks import check_nprobe
+from nestvec.collection import Collection
 from nestvec.encoders import BUNDLED_MODEL
 from nestvec.errors import NestvecError, ResourceExhaustedError, invalid
 from nestvec.index.fusion import check_fusion
