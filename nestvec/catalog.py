@@ -8,13 +8,20 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from nestvec.collection import CONFIG_FILE, Collection
 from nestvec.compression import make_codec
 from nestvec.encoders import BUNDLED_MODEL, Encoder, load_encoder
 from nestvec.encoders.st import BUNDLED_ALIASES
-from nestvec.errors import AlreadyExistsError, NotFoundError, invalid
-from nestvec.fsutil import fsync_dir
+from nestvec.errors import AlreadyExistsError, FailedPreconditionError, NotFoundError, invalid
+from nestvec.fsutil import fsync_dir, write_json
+
+if TYPE_CHECKING:
+    from nestvec.cluster.distributed import DistributedCollection
+    from nestvec.cluster.ray_backend import RayBackend
+
+AnyCollection: TypeAlias = "Collection | DistributedCollection"  # local, or a sharded one's front door
 
 DEFAULT_CODEC = "int8"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -26,7 +33,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def _differences(existing: Collection, encoder: Encoder | str | None, dim: int | None, codec: str,
+def _differences(existing: AnyCollection, encoder: Encoder | str | None, dim: int | None, codec: str,
                  index: str) -> list[str]:
     """What an exist_ok create asked for that the existing collection does not have."""
     config, out = existing.config, []
@@ -49,22 +56,41 @@ def _differences(existing: Collection, encoder: Encoder | str | None, dim: int |
 
 
 class Catalog:
-    """Collections are sub-folders of one data folder; each is opened once and shared."""
+    """Collections are sub-folders of one data folder; each is opened once and shared.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    With a Ray cluster (`ray`: an address, "auto", or "" for a local Ray), collections created
+    with `shards` / `replicas` are sharded and replicated over it (nestvec.cluster)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, ray: str | None = None,
+                 cluster: RayBackend | None = None) -> None:
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._open: dict[str, Collection] = {}
+        self._open: dict[str, AnyCollection] = {}
         self._lock = threading.Lock()
+        if cluster is None and ray is not None:
+            from nestvec.cluster.ray_backend import RayBackend
+
+            cluster = RayBackend(ray)
+        self.cluster = cluster
 
     def _folder(self, name: str) -> Path:
         return self.root / check_name(name)
 
     def create_collection(self, name: str, *, encoder: Encoder | str | None = BUNDLED_MODEL,
                           dim: int | None = None, codec: str = DEFAULT_CODEC, index: str = "auto",
-                          exist_ok: bool = False) -> Collection:
-        """Create a collection; built in a hidden folder then renamed, so it appears whole or not at all."""
+                          exist_ok: bool = False, shards: int | None = None,
+                          replicas: int | None = None) -> AnyCollection:
+        """Create a collection; built in a hidden folder then renamed, so it appears whole or not at all.
+        `shards` / `replicas` (either given): a collection sharded over the Ray cluster."""
         folder = self._folder(name)
+        sharded = shards is not None or replicas is not None
+        if sharded:
+            from nestvec.cluster.distributed import check_layout
+
+            shards, replicas = check_layout(1 if shards is None else shards, 1 if replicas is None else replicas)
+            if self.cluster is None:
+                raise FailedPreconditionError("a sharded collection needs a Ray cluster: connect(path, ray='auto' "
+                                              "or 'host:port', or '' for a local Ray), or serve --ray")
         with self._lock:
             if (folder / CONFIG_FILE).exists():
                 if not exist_ok:
@@ -79,25 +105,49 @@ class Catalog:
             staging = self.root / f".creating-{name}-{uuid.uuid4().hex[:8]}"
             try:
                 Collection.create(staging, name, encoder=enc, dim=dim, codec=codec, index=index).close()
+                if sharded:
+                    assert shards is not None and replicas is not None
+                    self._make_sharded(staging, folder, shards, replicas)
                 os.rename(staging, folder)
                 fsync_dir(self.root)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             return self._get_locked(name, enc)
 
-    def get_collection(self, name: str, *, encoder: Encoder | None = None) -> Collection:
+    def get_collection(self, name: str, *, encoder: Encoder | None = None) -> AnyCollection:
         with self._lock:
             return self._get_locked(name, encoder)
 
-    def _get_locked(self, name: str, encoder: Encoder | None = None) -> Collection:
+    def _make_sharded(self, staging: Path, folder: Path, shards: int, replicas: int) -> None:
+        """Turn a freshly created local collection folder into a sharded one's front door: its
+        config and unfitted codec stay, its (empty) data goes; the shards hold the data."""
+        from nestvec.cluster.distributed import CLUSTER_FILE, ClusterConfig
+
+        for part in staging.iterdir():
+            if part.name not in (CONFIG_FILE, "codec"):
+                shutil.rmtree(part) if part.is_dir() else part.unlink()
+        root = str((folder / "shards").resolve())
+        write_json(staging / CLUSTER_FILE, ClusterConfig(shards, replicas, root).to_json())
+
+    def _get_locked(self, name: str, encoder: Encoder | None = None) -> AnyCollection:
         folder = self._folder(name)
         if name not in self._open:
             if not (folder / CONFIG_FILE).exists():
                 raise NotFoundError(f"collection {name!r} does not exist in {self.root}")
-            self._open[name] = Collection(folder, encoder=encoder)
+            self._open[name] = self._open_folder(folder, encoder)
         elif encoder is not None:
             self._open[name]._attach_encoder(encoder)
         return self._open[name]
+
+    def _open_folder(self, folder: Path, encoder: Encoder | None) -> AnyCollection:
+        from nestvec.cluster.distributed import CLUSTER_FILE, DistributedCollection
+
+        if not (folder / CLUSTER_FILE).exists():
+            return Collection(folder, encoder=encoder)
+        if self.cluster is None:
+            raise FailedPreconditionError(f"collection {folder.name!r} is sharded over Ray: connect(path, ray=...) "
+                                          "or serve --ray to open it")
+        return DistributedCollection(folder, self.cluster, encoder=encoder)
 
     def list_collections(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if (p / CONFIG_FILE).exists())
@@ -108,8 +158,15 @@ class Catalog:
         with self._lock:
             if not (folder / CONFIG_FILE).exists():
                 raise NotFoundError(f"collection {name!r} does not exist in {self.root}")
-            if name in self._open:
-                self._open.pop(name).close("dropped")
+            from nestvec.cluster.distributed import CLUSTER_FILE, DistributedCollection
+
+            opened = self._open.pop(name, None)
+            if opened is None and (folder / CLUSTER_FILE).exists() and self.cluster is not None:
+                opened = DistributedCollection(folder, self.cluster)
+            if isinstance(opened, DistributedCollection):
+                opened.destroy()
+            elif opened is not None:
+                opened.close("dropped")
             trash = self.root / f".dropped-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(folder, trash)
             shutil.rmtree(trash, ignore_errors=True)

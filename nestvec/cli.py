@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from nestvec.client.local import DEFAULT_CODEC, LocalClient
-from nestvec.errors import NestvecError, NotFoundError, invalid
+from nestvec.collection import Collection
+from nestvec.errors import FailedPreconditionError, NestvecError, NotFoundError, invalid
 from nestvec.fsutil import write_json
 from nestvec.index.fusion import DEFAULT_ALPHA, DEFAULT_FUSION, DEFAULT_MODE, DEFAULT_RRF_K, FUSIONS, SEARCH_MODES
 
@@ -171,6 +172,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from nestvec.compression.planner import Labels, candidate_specs, plan, plot
 
     collection = _client(args).get_collection(args.collection)
+    if not isinstance(collection, Collection):
+        raise FailedPreconditionError(f"{args.collection!r} is sharded: plan a local copy of a sample instead")
     count = collection.count()
     if count < 1:
         raise invalid("collection", f"{args.collection!r} is empty: nothing to plan for")

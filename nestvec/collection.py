@@ -181,6 +181,16 @@ class Collection(EncodedCollection):
         self.close()
 
     @property
+    def staged(self) -> bool:
+        """True while vectors are kept as float32 waiting for the codec to be fitted."""
+        return self._staged
+
+    def ids(self) -> list[str]:
+        """Every stored id, in no particular order."""
+        with self._lock.read():
+            return list(self._row_of)
+
+    @property
     def scan_codec(self) -> Codec:
         """The codec the stored codes are in now: float32 while staged, then the collection's codec."""
         return self._staging_codec if self._staged else self.codec
@@ -534,7 +544,7 @@ class Collection(EncodedCollection):
                vector: Sequence[float] | np.ndarray | None = None, model: str | None = None,
                rescore_candidates: int | None = None, nprobe: int | None = None, mode: str = DEFAULT_MODE,
                fusion: str = DEFAULT_FUSION, rrf_k: int = DEFAULT_RRF_K, alpha: float = DEFAULT_ALPHA,
-               with_vectors: bool = False) -> list[Hit]:
+               with_vectors: bool = False, allow_partial: bool = False) -> list[Hit]:
         """Top-k hits for one query text or vector (see `search_batch`)."""
         if not isinstance(query, str) and np.asarray(query).ndim != 1:
             raise invalid("query", "must be one text or one vector; use search_batch for several")
@@ -549,14 +559,16 @@ class Collection(EncodedCollection):
                      filter: JSONDict | None = None, *, vectors: np.ndarray | Sequence[Sequence[float]] | None = None,
                      model: str | None = None, rescore_candidates: int | None = None, nprobe: int | None = None,
                      mode: str = DEFAULT_MODE, fusion: str = DEFAULT_FUSION, rrf_k: int = DEFAULT_RRF_K,
-                     alpha: float = DEFAULT_ALPHA, with_vectors: bool = False) -> list[list[Hit]]:
+                     alpha: float = DEFAULT_ALPHA, with_vectors: bool = False,
+                     allow_partial: bool = False) -> list[list[Hit]]:
         """Top-k hits per query. `nprobe` bounds the posting lists a SPANN index reads per query
         (more: higher recall, slower); the flat index ignores it. `mode`: "dense" (vectors),
         "lexical" (BM25 over the texts) or "hybrid" (both; `fusion` "weighted": min-max normalised
         scores, `alpha` on the dense side, or "rrf": reciprocal rank with `rrf_k`). Text queries
         are encoded with the collection's encoder unless `vectors` gives their dense side (a
         collection of caller-made vectors searched in hybrid mode). `with_vectors`: each hit
-        carries its stored vector, decoded from its codes (so approximate under a lossy codec)."""
+        carries its stored vector, decoded from its codes (so approximate under a lossy codec).
+        `allow_partial` matters only to sharded collections (a local one is never partial)."""
         self._check_open()
         k = check_k(k)
         nprobe = check_nprobe(nprobe)
@@ -587,7 +599,7 @@ class Collection(EncodedCollection):
                   for i in range(len(queries))]
         flat_ids = sorted({hit.id for row in ranked for hit in row})
         docs = dict(zip(flat_ids, self.store.get_documents([i.encode() for i in flat_ids]), strict=True))
-        stored = self._stored_vectors(flat_ids) if with_vectors else {}
+        stored = self.stored_vectors(flat_ids) if with_vectors else {}
         out = []
         for row in ranked:
             hits = []
@@ -598,7 +610,7 @@ class Collection(EncodedCollection):
             out.append(hits)
         return out
 
-    def _stored_vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
+    def stored_vectors(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Input-space vectors of `ids`, reconstructed from their stored codes."""
         if not ids:
             return {}

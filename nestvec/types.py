@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypedDict
+from typing import Any, TypedDict, TypeVar
 
 import numpy as np
 
@@ -21,6 +22,19 @@ class SearchOptions(TypedDict, total=False):
     rrf_k: int
     alpha: float
     with_vectors: bool
+    allow_partial: bool
+
+
+T = TypeVar("T")
+
+
+class Hits(list[T]):
+    """Search results that can say which shards of a sharded collection they lack: a search
+    with allow_partial answers without a shard that has no live replica and names it here."""
+
+    def __init__(self, items: Iterable[T] = (), missing_shards: tuple[int, ...] = ()) -> None:
+        super().__init__(items)
+        self.missing_shards = missing_shards
 
 
 @dataclass(frozen=True)

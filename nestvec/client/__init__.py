@@ -10,14 +10,17 @@ from nestvec.client.local import LocalClient
 
 
 def connect(target: str | os.PathLike[str], **kwargs: Any) -> ClientBase:
-    """A data folder (embedded, in-process) or "grpc://host:port" / "grpcs://..." (remote, same API)."""
+    """A data folder (embedded, in-process) or "grpc://host:port" / "grpcs://..." (remote, same API).
+    A data folder with `ray=` ("auto", "host:port", or "" for a local Ray) can hold collections
+    sharded and replicated over that Ray cluster (create_collection(..., shards=, replicas=))."""
     if isinstance(target, str) and target.startswith(("grpc://", "grpcs://")):
         from nestvec.client.remote import RemoteClient
 
         return RemoteClient(target, **kwargs)
-    if kwargs:
-        raise TypeError(f"connect(path) takes no options, got {sorted(kwargs)}")
-    return LocalClient(target)
+    extra = sorted(set(kwargs) - {"ray"})
+    if extra:
+        raise TypeError(f"connect(path) takes only ray=, got {extra}")
+    return LocalClient(target, ray=kwargs.get("ray"))
 
 
 __all__ = ["ClientBase", "CollectionHandle", "LocalClient", "connect"]

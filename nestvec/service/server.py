@@ -19,9 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from nestvec.catalog import DEFAULT_CODEC, Catalog
+from nestvec.catalog import DEFAULT_CODEC, AnyCollection, Catalog
 from nestvec.checks import check_nprobe
-from nestvec.collection import Collection
 from nestvec.encoders import BUNDLED_MODEL
 from nestvec.errors import NestvecError, ResourceExhaustedError, invalid
 from nestvec.index.fusion import check_fusion
@@ -71,7 +70,7 @@ class CollectionsService(pb_grpc.CollectionsServicer):
         self.catalog = catalog
 
     @staticmethod
-    def info(collection: Collection) -> pb.CollectionInfo:
+    def info(collection: AnyCollection) -> pb.CollectionInfo:
         info = collection.info()
         enc = collection.config.encoder
         return pb.CollectionInfo(name=collection.name, count=collection.count(), dim=collection.config.dim,
@@ -158,7 +157,7 @@ class PointsService(pb_grpc.PointsServicer):
     def Count(self, request: pb.CountRequest, context: grpc.ServicerContext) -> pb.CountResponse:
         return pb.CountResponse(count=self.catalog.get_collection(request.collection).count())
 
-    def _search(self, collection: Collection, queries: Sequence[str] | Any, k: int, filter_json: str,
+    def _search(self, collection: AnyCollection, queries: Sequence[str] | Any, k: int, filter_json: str,
                 params: pb.SearchParams, model: str, vectors: Any = None) -> list[list[Hit]]:
         flt = convert.from_json(filter_json, "filter")
         k = _k(k)
