@@ -21,7 +21,7 @@ from nestvec.index.fusion import DEFAULT_ALPHA, DEFAULT_FUSION, DEFAULT_MODE, DE
 
 
 def _client(args: argparse.Namespace) -> LocalClient:
-    return LocalClient(args.data)
+    return LocalClient(args.data, ray=args.ray)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -58,7 +58,7 @@ def _ingest_target(args: argparse.Namespace, source: Any) -> tuple[Any, Any]:
             collection = client.get_collection(args.collection)
         except NotFoundError:
             collection = client.create_collection(args.collection, encoder=model, dim=source.dim,
-                                                  codec=args.codec or "", index=args.index)
+                                                  codec=args.codec or "", index=args.index, **_layout(args))
         if args.encoder_layers:
             raise invalid("encoder_layers", "a server encodes with its collection's whole model; "
                                             "encode here (no --url) to cut layers")
@@ -73,8 +73,55 @@ def _ingest_target(args: argparse.Namespace, source: Any) -> tuple[Any, Any]:
             raise invalid("codec", f"collection {args.collection!r} already uses {collection.codec.spec!r}")
     except NotFoundError:
         collection = client.create_collection(args.collection, encoder=encoder, dim=source.dim,
-                                              codec=args.codec or DEFAULT_CODEC, index=args.index)
+                                              codec=args.codec or DEFAULT_CODEC, index=args.index, **_layout(args))
     return collection, None if source.dim else encoder
+
+
+def _layout(args: argparse.Namespace) -> dict[str, int]:
+    """--shards / --replicas of a new collection, when given (then it is sharded over Ray)."""
+    return {key: getattr(args, key) for key in ("shards", "replicas") if getattr(args, key, None) is not None}
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    encoder = None if args.no_encoder else (args.encoder or "all-MiniLM-L6-v2")
+    if args.url:
+        from nestvec.client.remote import RemoteClient
+
+        client: Any = RemoteClient(args.url, api_key=args.api_key)
+    else:
+        client = _client(args)
+    collection = client.create_collection(args.collection, encoder=encoder, dim=args.dim,
+                                          codec=args.codec or (DEFAULT_CODEC if not args.url else ""),
+                                          index=args.index, **_layout(args))
+    print(json.dumps(collection.info(), indent=2))
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    """Shards, replicas, node, vector count, health and last applied sequence number."""
+    if args.url:
+        from nestvec.client.remote import RemoteClient
+
+        client: Any = RemoteClient(args.url, api_key=args.api_key)
+    else:
+        client = _client(args)
+    names = [args.collection] if args.collection else client.list_collections()
+    shown = 0
+    for name in names:
+        info = client.get_collection(name).info()
+        cluster = info.get("cluster")
+        if not cluster:
+            continue
+        shown += 1
+        print(f"{name}: {cluster['shards']} shards x {cluster['replicas']} replicas, {info['count']} vectors")
+        print(f"  {'shard':>5} {'replica':>7} {'health':<8} {'node':<16} {'vectors':>9} {'applied':>8} {'head':>6}")
+        for m in cluster["members"]:
+            health = "live" if m.get("live") else ("down" if "error" in m else "catching up")
+            print(f"  {m['shard']:>5} {m['replica']:>7} {health:<8} {m.get('node', '?')!s:<16} "
+                  f"{m.get('count', '?'):>9} {m.get('applied', '?'):>8} {m['head']:>6}")
+    if not shown:
+        print("no sharded collections" + (f" named {args.collection!r}" if args.collection else ""))
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -241,6 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(Path(args.data), port=args.port, host=args.host, api_keys=args.api_key, read_only_keys=args.read_only_key,
+          ray=args.ray,
           tls_cert=Path(args.tls_cert) if args.tls_cert else None,
           tls_key=Path(args.tls_key) if args.tls_key else None, max_message_bytes=args.max_message_mb << 20)
     return 0
@@ -275,11 +323,41 @@ def cmd_eval_dims(args: argparse.Namespace) -> int:
     return 0
 
 
+RAY_HELP = ("the Ray cluster of sharded collections: host:port of its head, auto (the one `ray start` made here) "
+            "or local (start one in this process); env NESTVEC_RAY")
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shards", type=int, default=None, help="a new collection sharded over the Ray cluster (--ray)")
+    p.add_argument("--replicas", type=int, default=None, help="copies of each shard (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nestvec", description=__doc__)
     parser.add_argument("--data", default=os.environ.get("NESTVEC_DATA", "nestvec_data"),
                         help="data folder holding the collections (env NESTVEC_DATA; default ./nestvec_data)")
+    parser.add_argument("--ray", default=os.environ.get("NESTVEC_RAY"), metavar="ADDRESS", help=RAY_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("create", help="create an empty collection (sharded over Ray with --shards / --replicas)")
+    p.add_argument("collection")
+    p.add_argument("--encoder", default=None, help="model name or folder (default all-MiniLM-L6-v2)")
+    p.add_argument("--no-encoder", action="store_true", help="caller-made vectors only (then --dim)")
+    p.add_argument("--dim", type=int, default=None)
+    p.add_argument("--codec", default=None, help=f"codec spec (default {DEFAULT_CODEC})")
+    p.add_argument("--index", default="auto", choices=["auto", "flat", "spann"])
+    _layout_args(p)
+    p.add_argument("--url", default=None, help="create on a server (grpc://host:port)")
+    p.add_argument("--api-key", default=os.environ.get("NESTVEC_API_KEY"))
+    p.set_defaults(func=cmd_create)
+
+    p = sub.add_parser("cluster", help="sharded collections: `cluster status`")
+    cluster = p.add_subparsers(dest="cluster_command", required=True)
+    p = cluster.add_parser("status", help="shards, replicas, nodes, vector counts, health, applied sequence numbers")
+    p.add_argument("--collection", default=None)
+    p.add_argument("--url", default=None, help="ask a server (grpc://host:port) instead of opening --data")
+    p.add_argument("--api-key", default=os.environ.get("NESTVEC_API_KEY"))
+    p.set_defaults(func=cmd_cluster_status)
 
     p = sub.add_parser("ingest", help="bulk-load a corpus: JSONL[.gz] (BEIR), Parquet or text (one doc per line); "
                                       "resumable, streamed, into a local folder or a server")
@@ -299,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled model name or a local model folder (default all-MiniLM-L6-v2; with --vectors, "
                         "the model that made them, if text queries should work)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    _layout_args(p)
     p.add_argument("--encoder-layers", type=int, default=None, metavar="K",
                    help="run only the encoder's first K transformer layers (a 2D Matryoshka model)")
     p.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
@@ -415,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--ray", default=argparse.SUPPRESS, metavar="ADDRESS", help=RAY_HELP)
     p.set_defaults(func=cmd_serve)
     return parser
 

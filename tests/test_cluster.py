@@ -201,3 +201,41 @@ def test_bad_input_changes_nothing(catalog: Catalog) -> None:
         with pytest.raises(error, match=field):
             call()
     assert col.count() == 10 and all(r["applied"] == r["head"] for r in col.status())  # type: ignore[union-attr]
+
+
+def test_the_grpc_front_door_serves_sharded_collections_to_the_same_client(backend: RayBackend, tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """serve --ray: the unchanged remote client creates, writes, searches a sharded collection
+    (texts encoded by the server), gets partial results named, and `cluster status` reports it."""
+    from nestvec.cli import main
+    from nestvec.client.remote import RemoteClient
+    from nestvec.service.server import build_server
+
+    catalog = Catalog(tmp_path / "served", cluster=backend)
+    server, port = build_server(catalog, address="127.0.0.1:0")
+    server.start()
+    try:
+        client = RemoteClient(f"grpc://127.0.0.1:{port}")
+        col = client.create_collection("texts", codec="fp16", shards=2, replicas=2)
+        col.upsert(["wing", "liver", "star"], texts=["Shock waves on a swept wing.", "Gene expression in mouse liver.",
+                                                     "Spectra of distant stars."])
+        assert col.count() == 3 and col.search("supersonic aerodynamics", k=1)[0].id == "wing"
+        assert [row[0].id for row in col.search_batch(["liver genes", "stellar light"], k=1)] == ["liver", "star"]
+        assert col.info()["cluster"]["shards"] == 2
+        with pytest.raises(InvalidArgumentError, match="replicas"):
+            client.create_collection("bad", shards=2, replicas=0)
+        opened = catalog.get_collection("texts")
+        assert isinstance(opened, DistributedCollection)
+        opened.replicas[0][0].live = opened.replicas[0][1].live = False
+        opened._closed.set()  # no healing during the check
+        partial = col.search("supersonic aerodynamics", k=3, allow_partial=True)
+        assert partial.missing_shards == (0,) and len(partial) == sum(shard_of(["wing", "liver", "star"], 2) == 1)
+        assert main(["cluster", "status", "--url", f"grpc://127.0.0.1:{port}"]) == 0
+        out = capsys.readouterr().out
+        assert "texts: 2 shards x 2 replicas" in out and out.count(" live ") == 2
+        client.close()
+    finally:
+        server.stop(2).wait()
+        for name in catalog.list_collections():
+            catalog.drop_collection(name)
+        catalog.close()

@@ -45,7 +45,8 @@ class CollectionHandle(Protocol):
 class ClientBase(ABC):
     @abstractmethod
     def create_collection(self, name: str, *, encoder: Any = ..., dim: int | None = None,
-                          codec: str = ..., index: str = "auto", exist_ok: bool = False) -> CollectionHandle: ...
+                          codec: str = ..., index: str = "auto", exist_ok: bool = False, shards: int | None = None,
+                          replicas: int | None = None) -> CollectionHandle: ...
 
     @abstractmethod
     def get_collection(self, name: str) -> CollectionHandle: ...

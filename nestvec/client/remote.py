@@ -16,7 +16,7 @@ import numpy as np
 from nestvec import errors
 from nestvec.client.base import ClientBase
 from nestvec.errors import NestvecError, invalid
-from nestvec.types import Hit, JSONDict, Record, SearchOptions, UpsertBatch
+from nestvec.types import Hit, Hits, JSONDict, Record, SearchOptions, UpsertBatch
 from nestvec.wire import convert
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2_grpc as pb_grpc
@@ -151,7 +151,7 @@ class RemoteCollection:
         if vector is not None:
             request.text_vector.CopyFrom(convert.to_pb_vectors(np.asarray(vector, dtype=np.float32)[None, :]))
         reply = self._client._call(self._client.points.Search, request)
-        return [convert.from_pb_hit(h) for h in reply.hits]
+        return Hits([convert.from_pb_hit(h) for h in reply.hits], tuple(reply.missing_shards))
 
     def search_batch(self, queries: Sequence[str] | np.ndarray, k: int = 10, filter: JSONDict | None = None, *,
                      vectors: np.ndarray | Sequence[Sequence[float]] | None = None,
@@ -167,7 +167,8 @@ class RemoteCollection:
                 raise invalid("vectors", "go with query texts (their dense side); give vectors as the queries instead")
             request.vectors.CopyFrom(convert.to_pb_vectors(vectors))
         reply = self._client._call(self._client.points.SearchBatch, request)
-        return [[convert.from_pb_hit(h) for h in result.hits] for result in reply.results]
+        return Hits([[convert.from_pb_hit(h) for h in result.hits] for result in reply.results],
+                    tuple(reply.missing_shards))
 
     @staticmethod
     def _check_k(k: int) -> int:
@@ -235,12 +236,17 @@ class RemoteClient(ClientBase):
             raise error_from_rpc(err) from None
 
     def create_collection(self, name: str, *, encoder: str | None = "", dim: int | None = None,
-                          codec: str = "", index: str = "auto", exist_ok: bool = False) -> RemoteCollection:
+                          codec: str = "", index: str = "auto", exist_ok: bool = False, shards: int | None = None,
+                          replicas: int | None = None) -> RemoteCollection:
         if encoder is not None and not isinstance(encoder, str):
             raise invalid("encoder", "a remote server encodes with a model it has: pass its name or None")
+        if shards is not None or replicas is not None:  # checked here: 0 means "not sharded" on the wire
+            from nestvec.cluster.distributed import check_layout
+
+            shards, replicas = check_layout(1 if shards is None else shards, 1 if replicas is None else replicas)
         info = self._call(self.collections.Create, pb.CreateCollectionRequest(
             name=name, encoder=encoder or "", no_encoder=encoder is None, dim=dim or 0, codec=codec,
-            index=index, exist_ok=exist_ok))
+            index=index, exist_ok=exist_ok, shards=shards or 0, replicas=replicas or 0))
         return RemoteCollection(self, info.name, info.dim)
 
     def get_collection(self, name: str) -> RemoteCollection:

@@ -49,13 +49,13 @@ def _check_address(address: str) -> None:
 
 
 class RayBackend:
-    """A connection to a Ray cluster: `address` None or "" starts (or joins) a local Ray, "auto"
-    joins the one `ray start` made on this machine, "host:port" joins a remote head node."""
+    """A connection to a Ray cluster: `address` None, "" or "local" starts (or joins) a Ray in
+    this process, "auto" joins the one `ray start` made on this machine, "host:port" a head node."""
 
     def __init__(self, address: str | None = None, *, num_cpus: int | None = None) -> None:
         import ray
 
-        self.address = address or None
+        self.address = None if address in (None, "", "local") else address
         if self.address not in (None, "auto"):
             _check_address(str(self.address))
         try:

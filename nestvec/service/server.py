@@ -73,16 +73,18 @@ class CollectionsService(pb_grpc.CollectionsServicer):
     def info(collection: AnyCollection) -> pb.CollectionInfo:
         info = collection.info()
         enc = collection.config.encoder
-        return pb.CollectionInfo(name=collection.name, count=collection.count(), dim=collection.config.dim,
+        return pb.CollectionInfo(name=collection.name, count=int(info["count"]), dim=collection.config.dim,
                                  codec=collection.codec.spec, encoder_model=enc.model if enc else "",
                                  info_json=json.dumps(info))
 
     @rpc
     def Create(self, request: pb.CreateCollectionRequest, context: grpc.ServicerContext) -> pb.CollectionInfo:
         encoder = None if request.no_encoder else (request.encoder or BUNDLED_MODEL)
+        sharded = request.shards or request.replicas
         collection = self.catalog.create_collection(
             request.name, encoder=encoder, dim=request.dim or None, codec=request.codec or DEFAULT_CODEC,
-            index=request.index or "auto", exist_ok=request.exist_ok)
+            index=request.index or "auto", exist_ok=request.exist_ok,
+            shards=(request.shards or 1) if sharded else None, replicas=(request.replicas or 1) if sharded else None)
         return self.info(collection)
 
     @rpc
@@ -187,10 +189,10 @@ class PointsService(pb_grpc.PointsServicer):
                     raise invalid("text_vector", f"must hold exactly one row, got {len(text_vector)}")
         collection = self.catalog.get_collection(request.collection)
         options = convert.from_pb_params(request.params)
-        if options["mode"] != "dense":  # needs the text: searched on its own, not coalesced
-            hits = self._search(collection, query, request.k, request.filter_json, request.params, request.model,
-                                text_vector)[0]
-            return pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits])
+        if options["mode"] != "dense" or options["allow_partial"]:  # searched on its own, not coalesced
+            rows = self._search(collection, query, request.k, request.filter_json, request.params, request.model,
+                                text_vector)
+            return pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in rows[0]], missing_shards=_missing(rows))
         # What can be wrong with one request alone is checked here, before it can share a turn:
         # the query (dimension, NaN, model; texts are encoded), k, nprobe. The filter is part of the
         # turn's key, so a bad filter fails only the requests that sent that same filter.
@@ -215,7 +217,12 @@ class PointsService(pb_grpc.PointsServicer):
                                request.filter_json, request.params, request.model,
                                vectors if request.texts else None)
         return pb.SearchBatchResponse(results=[pb.SearchResponse(hits=[convert.to_pb_hit(h) for h in hits])
-                                               for hits in results])
+                                               for hits in results], missing_shards=_missing(results))
+
+
+def _missing(results: Any) -> list[int]:
+    """The shards a sharded collection's partial answer lacks (none for a local collection)."""
+    return list(getattr(results, "missing_shards", ()))
 
 
 class DiagnosticsService(pb_grpc.DiagnosticsServicer):
@@ -282,8 +289,10 @@ def _open_all(catalog: Catalog) -> None:
     gc.freeze()
 
 
-def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0, **kwargs: Any) -> None:
-    """Run until SIGINT/SIGTERM; then stop taking calls and let in-flight ones (writes included) finish."""
+def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0, ray: str | None = None,
+          **kwargs: Any) -> None:
+    """Run until SIGINT/SIGTERM; then stop taking calls and let in-flight ones (writes included) finish.
+    With `ray`, sharded collections live on that Ray cluster (see Catalog)."""
     import faiss
     from threadpoolctl import threadpool_limits
 
@@ -292,7 +301,7 @@ def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0
     # cut 8-client throughput on SPANN from ~200 to 25 searches/s).
     faiss.omp_set_num_threads(1)
     threadpool_limits(1, user_api="blas")  # BLAS only: torch's encoding threads are left alone
-    with Catalog(data) as catalog:
+    with Catalog(data, ray=ray) as catalog:
         _open_all(catalog)
         server, bound = build_server(catalog, address=f"{host}:{port}", **kwargs)
         server.start()

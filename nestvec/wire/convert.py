@@ -94,7 +94,8 @@ def to_pb_params(options: SearchOptions) -> pb.SearchParams:
     check_fusion(mode, fusion, rrf_k, alpha)
     return pb.SearchParams(rescore_candidates=rescore or 0, nprobe=int(min(nprobe or 0, 2**32 - 1)), mode=mode,
                            fusion=fusion, rrf_k=int(min(rrf_k, 2**32 - 1)), alpha=float(alpha),
-                           with_vectors=bool(options.get("with_vectors", False)))
+                           with_vectors=bool(options.get("with_vectors", False)),
+                           allow_partial=bool(options.get("allow_partial", False)))
 
 
 def from_pb_params(params: pb.SearchParams) -> SearchOptions:
@@ -102,4 +103,4 @@ def from_pb_params(params: pb.SearchParams) -> SearchOptions:
                          mode=params.mode or DEFAULT_MODE, fusion=params.fusion or DEFAULT_FUSION,
                          rrf_k=params.rrf_k or DEFAULT_RRF_K,
                          alpha=params.alpha if params.HasField("alpha") else DEFAULT_ALPHA,
-                         with_vectors=params.with_vectors)
+                         with_vectors=params.with_vectors, allow_partial=params.allow_partial)
