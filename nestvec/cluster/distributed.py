@@ -214,21 +214,40 @@ class DistributedCollection(EncodedCollection):
             return changed
 
     def _per_shard(self, run: Callable[[int], Any], shards: Iterable[int]) -> dict[int, Any]:
+        """Writes: one thread per shard (each holds its shard's lock while its replicas commit)."""
         futures = {shard: self._pool.submit(run, shard) for shard in shards}
         return {shard: future.result() for shard, future in futures.items()}
 
+    def _start(self, shard: int, method: str, args: tuple[Any, ...]) -> tuple[Replica, Any]:
+        """Send a read to the shard's next live replica in turn."""
+        live = self._live(shard)
+        if not live:
+            raise UnavailableError(f"collection {self.name!r}: shard {shard} has no live replica")
+        self._turn[shard] += 1
+        replica = live[self._turn[shard] % len(live)]
+        return replica, getattr(replica.actor, method).remote(*args)
+
+    def _read_many(self, shards: Iterable[int], method: str,
+                   args_of: Callable[[int], tuple[Any, ...]]) -> dict[int, Any]:
+        """The same read on one replica of each shard, all sent before any is awaited; a replica
+        that fails is marked down and its shard asked again on a sibling."""
+        sent = {shard: self._start(shard, method, args_of(shard)) for shard in shards}
+        out: dict[int, Any] = {}
+        for shard, (replica, ref) in sent.items():
+            while True:
+                try:
+                    out[shard] = self._ray.get(ref, timeout=CALL_TIMEOUT_S)
+                    break
+                except self._errors as err:
+                    log.warning("collection %r: %s is down (%s)", self.name, replica.label, type(err).__name__)
+                    replica.live = False
+                    replica, ref = self._start(shard, method, args_of(shard))
+                except Exception as err:
+                    raise _cause(err) from None
+        return out
+
     def _read(self, shard: int, method: str, *args: Any) -> Any:
-        """A read on one live replica of the shard, in turn; on a failure, the next one."""
-        while True:
-            live = self._live(shard)
-            if not live:
-                raise UnavailableError(f"collection {self.name!r}: shard {shard} has no live replica")
-            self._turn[shard] += 1
-            replica = live[self._turn[shard] % len(live)]
-            try:
-                return self._call(replica, method, *args)
-            except self._errors:
-                continue
+        return self._read_many([shard], method, lambda _: args)[shard]
 
     # -- writes ------------------------------------------------------------------------------------
     def upsert(self, ids: Sequence[str | int], texts: Sequence[str | None] | None = None, vectors: Any = None,
@@ -296,7 +315,7 @@ class DistributedCollection(EncodedCollection):
         if self.codec.fitted or self.count() < max(self.codec.min_fit_size, FIT_THRESHOLD):
             return
         per_shard = -(-FIT_SAMPLE // self.cluster.shards)
-        parts = self._per_shard(lambda s: self._read(s, "sample", per_shard), range(self.cluster.shards))
+        parts = self._read_many(range(self.cluster.shards), "sample", lambda _: (per_shard,))
         self._install(np.concatenate([parts[s] for s in sorted(parts)]))
 
     def _install(self, sample: np.ndarray) -> None:
@@ -307,13 +326,13 @@ class DistributedCollection(EncodedCollection):
 
     # -- reads -------------------------------------------------------------------------------------
     def count(self) -> int:
-        return int(sum(self._per_shard(lambda s: self._read(s, "count"), range(self.cluster.shards)).values()))
+        return int(sum(self._read_many(range(self.cluster.shards), "count", lambda _: ()).values()))
 
     def get(self, ids: Sequence[str | int]) -> list[Record | None]:
         keys = check_ids(ids)
         owner = shard_of(keys, self.cluster.shards)
         rows = {s: np.flatnonzero(owner == s).tolist() for s in np.unique(owner).tolist()}
-        found = self._per_shard(lambda s: self._read(s, "get", [keys[r] for r in rows[s]]), rows)
+        found = self._read_many(rows, "get", lambda s: ([keys[r] for r in rows[s]],))
         out: list[Record | None] = [None] * len(keys)
         for shard, positions in rows.items():
             for position, record in zip(positions, found[shard], strict=True):
@@ -351,26 +370,28 @@ class DistributedCollection(EncodedCollection):
         sent_vectors = dense if mode != "dense" else None
         options = {"rescore_candidates": rescore_candidates, "nprobe": nprobe, "mode": mode, "fusion": fusion,
                    "rrf_k": rrf_k, "alpha": alpha, "with_vectors": with_vectors}
-        missing: list[int] = []
-
-        def ask(shard: int) -> list[list[Hit]] | None:
-            try:
-                found: list[list[Hit]] = self._read(shard, "search_batch", sent_queries, k, filter, sent_vectors,
-                                                    options)
-                return found
-            except UnavailableError:
-                if not allow_partial:
-                    raise
-                missing.append(shard)
-                return None
-
-        answers = [a for a in self._per_shard(ask, range(self.cluster.shards)).values() if a is not None]
+        args = (sent_queries, k, filter, sent_vectors, options)
+        live = [s for s in range(self.cluster.shards) if self._live(s)]
+        missing = [s for s in range(self.cluster.shards) if s not in live]
+        if missing and not allow_partial:
+            raise UnavailableError(f"collection {self.name!r}: shard {missing[0]} has no live replica")
+        try:
+            found = self._read_many(live, "search_batch", lambda _: args)
+        except UnavailableError:
+            if not allow_partial:
+                raise
+            found = {}
+            for shard in live:  # the last replica of some shard failed meanwhile: ask shard by shard
+                with contextlib.suppress(UnavailableError):
+                    found[shard] = self._read(shard, "search_batch", *args)
+            missing = sorted(set(range(self.cluster.shards)) - set(found))
+        answers = [found[s] for s in sorted(found)]
         merged = []
         for i in range(len(queries)):
             pool = [hit for answer in answers for hit in answer[i]]
             pool.sort(key=lambda h: (-h.score, h.id))
             merged.append(pool[:k])
-        return Hits(merged, tuple(sorted(missing)))
+        return Hits(merged, tuple(missing))
 
     # -- operations --------------------------------------------------------------------------------
     def status(self) -> list[JSONDict]:

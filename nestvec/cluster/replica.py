@@ -30,8 +30,19 @@ from nestvec.types import CollectionConfig, Hit, JSONDict, Record
 REPLICATION_JOB = "replication"  # the checkpoint holding the last applied sequence number
 
 
+def _one_thread_each() -> None:
+    """Several replicas share a node's cores and each call is small: OpenMP / BLAS pools per
+    replica oversubscribe them (and spin), so each replica computes on one thread."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(1)
+
+
 class ShardReplica:
     def __init__(self, folder: str, config: JSONDict) -> None:
+        _one_thread_each()
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         data = self.folder / "collection"
