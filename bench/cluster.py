@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
         single = nestvec.connect(Path(tmp) / "single").create_collection("wiki", encoder=None, dim=corpus.shape[1])
         seconds = fill(single, corpus, "unsharded")
         base = {"layout": "unsharded", "shards": 0, "replicas": 0, "ingest_s": round(seconds, 1),
-                **measure(single, queries, truth, "unsharded"), "index": single.info()["index"]["kind"]}
+                **measure(single, queries, truth, "unsharded"), "index": single.info()["index"]["kind"],
+                "disk_mb": round(single.info()["disk_bytes"] / 1e6, 1)}
         runs.append(base)
         print(json.dumps(base), flush=True)
         backend = RayBackend("local")
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
             members = col.info()["cluster"]["members"]
             row["index"] = sorted({m.get("index", "?") for m in members})
             row["vectors_per_shard"] = [m["count"] for m in members if m["replica"] == 0]
+            row["replica_rss_mb"] = [m.get("rss_mb") for m in members]
+            row["replica_disk_mb"] = [round(m.get("disk_bytes", 0) / 1e6, 1) for m in members]
             for key in ("single_p50_ms", "batch_p50_ms"):
                 row[f"fan_out_{key}"] = round(row[key] - base[key], 2)
             runs.append(row)

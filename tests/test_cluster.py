@@ -176,7 +176,7 @@ def test_bad_layouts_and_unreachable_ray_are_clear_errors(catalog: Catalog, tmp_
             catalog.create_collection("bad", encoder=None, dim=8, shards=shards, replicas=replicas)  # type: ignore[arg-type]
     assert catalog.list_collections() == []
     monkeypatch.setattr(catalog.cluster, "nodes", lambda: ["a", "b"])  # a two-node cluster
-    with pytest.raises(InvalidArgumentError, match="3 replicas .* 2"):
+    with pytest.raises(InvalidArgumentError, match=r"3 replicas .* 2"):
         catalog.create_collection("wide", encoder=None, dim=8, shards=1, replicas=3)
     monkeypatch.undo()
     with pytest.raises(FailedPreconditionError, match="Ray"):

@@ -40,6 +40,16 @@ def _one_thread_each() -> None:
     threadpool_limits(1)
 
 
+def _rss_mb() -> float:
+    """This replica process's resident memory (Linux; 0 where /proc is not there)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            line = next(line for line in fh if line.startswith("VmRSS:"))
+        return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        return 0.0
+
+
 class ShardReplica:
     def __init__(self, folder: str, config: JSONDict) -> None:
         _one_thread_each()
@@ -119,7 +129,8 @@ class ShardReplica:
     def status(self) -> JSONDict:
         info = self.collection.info()
         return {"applied": self.applied, "count": info["count"], "node": socket.gethostname(), "pid": os.getpid(),
-                "codec_fitted": info["codec_fitted"], "index": info["index"]["kind"], "folder": str(self.folder)}
+                "codec_fitted": info["codec_fitted"], "index": info["index"]["kind"], "folder": str(self.folder),
+                "disk_bytes": info["disk_bytes"], "rss_mb": _rss_mb()}
 
     def digest(self) -> str:
         """A hash of the replica's content (ids, texts, metadata, vectors), to compare siblings."""
