@@ -45,6 +45,7 @@ SEARCH_MODES = ("dense", "lexical", "hybrid")
 RECALL_QUERIES = 1000
 RECALL_TOLERANCE = 0.01
 EARLY_KILL_SHARE = 0.2  # trials killed at a random moment after start, open and recovery included
+AIMED_KILL_SHARE = 0.5  # of the trials with a codec switch: killed within 0.6 s of its start
 DELETED_PROBES = 30  # deleted ids looked for in every search mode after each crash
 JSONLike = dict[str, Any]
 
@@ -367,9 +368,10 @@ def compare_recall(collection: Any, expected: Expected, pool: Pool, scratch: Pat
 
 # -- the parent ------------------------------------------------------------------------------------
 def _run_child(folder: Path, log: Path, seed: int, trial_args: JSONLike, kill_after_s: float, early: bool,
-               ready_timeout_s: float = 120.0) -> tuple[bool, float]:
+               aim_at: int | None = None, ready_timeout_s: float = 120.0) -> tuple[bool, float]:
     """Start the workload, let it run `kill_after_s` past "ready" (past its start when `early`:
-    the kill may then land in the open and its recovery), SIGKILL it; (killed, run seconds)."""
+    the kill may then land in the open and its recovery; past the start of operation `aim_at`
+    when given), SIGKILL it; (killed, run seconds)."""
     command = [sys.executable, "-m", "bench.tortures.crash", "--child", "--folder", str(folder), "--log", str(log),
                "--seed", str(seed)] + [f"--{k.replace('_', '-')}={v}" for k, v in trial_args.items()]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -382,6 +384,11 @@ def _run_child(folder: Path, log: Path, seed: int, trial_args: JSONLike, kill_af
             proc.kill()
             raise RuntimeError(f"workload seed {seed} not ready in {ready_timeout_s} s")
         time.sleep(0.02)
+    marker = f"begin {aim_at}\n"
+    while aim_at is not None and proc.poll() is None and marker not in (log.read_text() if log.exists() else ""):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.005)
     started = time.monotonic()
     try:
         proc.wait(timeout=kill_after_s)
@@ -409,6 +416,9 @@ def trials(base_seed: int, count: int, pool_size: int, max_run_s: float, flush_r
         recode_at = int(rng.integers(2, 40)) if trial > 0 and rng.random() < recode_share else None
         early = bool(trial > 0 and rng.random() < EARLY_KILL_SHARE)
         kill_after = float(rng.uniform(0.3, 2.5) if early else rng.uniform(0.05, max_run_s))
+        aim_at = None
+        if recode_at is not None and not early and rng.random() < AIMED_KILL_SHARE:  # inside the codec switch
+            aim_at, kill_after = recode_at, float(rng.uniform(0.0, 0.6))
         log = folder.parent / f"ops-{seed}.log"
         log.unlink(missing_ok=True)
         trial_args: JSONLike = {"pool": pool_size, "flush_rows": flush_rows, "posting_limit": posting_limit,
@@ -416,7 +426,7 @@ def trials(base_seed: int, count: int, pool_size: int, max_run_s: float, flush_r
                                 "first": int(trial == 0)}
         if recode_at is not None:
             trial_args["recode_at"] = recode_at
-        killed, ran = _run_child(folder, log, seed, trial_args, kill_after, early)
+        killed, ran = _run_child(folder, log, seed, trial_args, kill_after, early, aim_at)
         record = Log.read(log)
         ops = {i: operation(seed, i, pool_size, recode_at, trial == 0) for i in [*record.acked,
                                                                                    *([record.in_flight] if
@@ -445,7 +455,8 @@ def trials(base_seed: int, count: int, pool_size: int, max_run_s: float, flush_r
                 found, figures = check(collection, expected, pool, folder.parent)
             failures += found
         catalog.close()
-        report = {"trial": trial, "seed": seed, "killed": killed, "early_kill": early, "ran_s": round(ran, 2),
+        report = {"trial": trial, "seed": seed, "killed": killed, "early_kill": early,
+                  "aimed_at_codec_switch": aim_at is not None, "ran_s": round(ran, 2),
                   "acked_ops": len(record.acked), "in_flight": in_flight.kind if in_flight else None,
                   "in_flight_landed": landed, "recode_at": recode_at,
                   "codec_switched": switched, "splits": record.splits,

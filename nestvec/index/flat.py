@@ -52,7 +52,7 @@ class FlatIndex:
         self._codes[rows] = codes
         self.live[rows] = True
         self._size += n
-        if self._faiss is not None and n:
+        if self._faiss is not None and self._faiss is not False and n:  # False: faiss cannot read these codes
             self._faiss.add_sa_codes(np.ascontiguousarray(codes, dtype=np.uint8))
         return rows
 
