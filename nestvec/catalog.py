@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
+from nestvec.checks import check_dim
 from nestvec.collection import CONFIG_FILE, Collection
 from nestvec.compression import make_codec
 from nestvec.encoders import BUNDLED_MODEL, Encoder, load_encoder
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 AnyCollection: TypeAlias = "Collection | DistributedCollection"  # local, or a sharded one's front door
 
 DEFAULT_CODEC = "int8"
+MIN_DISK_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -59,10 +61,16 @@ class Catalog:
     """Collections are sub-folders of one data folder; each is opened once and shared.
 
     With a Ray cluster (`ray`: an address, "auto", or "" for a local Ray), collections created
-    with `shards` / `replicas` are sharded and replicated over it (nestvec.cluster)."""
+    with `shards` / `replicas` are sharded and replicated over it (nestvec.cluster).
+    `max_disk_bytes`: a storage limit per collection (its store's file, like Milvus's
+    diskQuotaPerCollection); a write past it is a ResourceExhaustedError that changes nothing."""
 
     def __init__(self, path: str | os.PathLike[str], *, ray: str | None = None,
-                 cluster: RayBackend | None = None) -> None:
+                 cluster: RayBackend | None = None, max_disk_bytes: int | None = None) -> None:
+        if max_disk_bytes is not None and (isinstance(max_disk_bytes, bool) or not isinstance(max_disk_bytes, int)
+                                           or max_disk_bytes < MIN_DISK_BYTES):
+            raise invalid("max_disk_bytes", f"must be an integer >= {MIN_DISK_BYTES} (1 MiB), got {max_disk_bytes!r}")
+        self.max_disk_bytes = max_disk_bytes
         self.root = Path(path)
         self.root.mkdir(parents=True, exist_ok=True)
         self._open: dict[str, AnyCollection] = {}
@@ -83,6 +91,7 @@ class Catalog:
         """Create a collection; built in a hidden folder then renamed, so it appears whole or not at all.
         `shards` / `replicas` (either given): a collection sharded over the Ray cluster."""
         folder = self._folder(name)
+        dim = check_dim(dim)
         sharded = shards is not None or replicas is not None
         if sharded:
             from nestvec.cluster.distributed import check_layout
@@ -143,7 +152,7 @@ class Catalog:
         from nestvec.cluster.distributed import CLUSTER_FILE, DistributedCollection
 
         if not (folder / CLUSTER_FILE).exists():
-            return Collection(folder, encoder=encoder)
+            return Collection(folder, encoder=encoder, max_disk_bytes=self.max_disk_bytes)
         if self.cluster is None:
             raise FailedPreconditionError(f"collection {folder.name!r} is sharded over Ray: connect(path, ray=...) "
                                           "or serve --ray to open it")

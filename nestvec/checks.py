@@ -13,6 +13,7 @@ from nestvec.errors import invalid
 from nestvec.types import JSONDict
 
 MAX_K = 10_000
+MAX_DIM = 65_536  # the widest embedding models make 4,096-d vectors; 2**32-1 asked for a 16 GiB array
 MAX_ID_BYTES = 256
 JOB_PREFIX = b"job/"       # meta keys of bulk jobs' checkpoints
 MAX_JOB_NAME, MAX_CHECKPOINT_BYTES = 200, 64 << 10
@@ -93,6 +94,15 @@ def check_vectors(vectors: Any, dim: int, field: str) -> np.ndarray:
     if (norms == 0).any():
         raise invalid(f"{field}[{int(np.argmax(norms[:, 0] == 0))}]", "is the zero vector")
     return np.ascontiguousarray(arr / norms, dtype=np.float32)
+
+
+def check_dim(dim: int | None) -> int | None:
+    """None (the encoder's) or a positive integer up to MAX_DIM, checked before anything is allocated."""
+    if dim is None:
+        return None
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not 1 <= dim <= MAX_DIM:
+        raise invalid("dim", f"must be an integer between 1 and {MAX_DIM}, got {dim!r}")
+    return int(dim)
 
 
 def check_nprobe(nprobe: int | None) -> int | None:

@@ -290,7 +290,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(Path(args.data), port=args.port, host=args.host, api_keys=args.api_key, read_only_keys=args.read_only_key,
           ray=args.ray,
           tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-          tls_key=Path(args.tls_key) if args.tls_key else None, max_message_bytes=args.max_message_mb << 20)
+          tls_key=Path(args.tls_key) if args.tls_key else None, max_message_bytes=args.max_message_mb << 20,
+          max_disk_bytes=args.max_disk_mb << 20 if args.max_disk_mb else None)
     return 0
 
 
@@ -494,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--max-message-mb", type=int, default=64)
+    p.add_argument("--max-disk-mb", type=int, default=None,
+                   help="storage limit per collection: writes past it fail with RESOURCE_EXHAUSTED")
     p.add_argument("--ray", default=argparse.SUPPRESS, metavar="ADDRESS", help=RAY_HELP)
     p.set_defaults(func=cmd_serve)
     return parser

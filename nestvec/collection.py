@@ -38,7 +38,7 @@ from nestvec.collection_base import EncodedCollection
 from nestvec.compression import Codec, make_codec
 from nestvec.concurrency import ReadWriteLock
 from nestvec.encoders import Encoder
-from nestvec.errors import FailedPreconditionError, NotFoundError, invalid
+from nestvec.errors import FailedPreconditionError, NotFoundError, ResourceExhaustedError, invalid
 from nestvec.fsutil import read_json, write_json
 from nestvec.index.buffered import BufferedSpann
 from nestvec.index.filters import MetadataTable
@@ -91,7 +91,9 @@ GENERATION, RECODE_PENDING, RECODE_RETIRED = b"generation", b"recode_pending", b
 # from the log on open what a crash kept it from applying.
 LEXICAL_SEQ, LEXICAL_LOG = b"lexical_seq", b"lexical_log/"
 LEXICAL_DIR = "lexical"
-LEXICAL_COMMIT_S = 1.0  # longest a bulk stream leaves lexical changes uncommitted
+# Lexical changes are committed at most this often (a tantivy commit costs ~16-37 ms; one per
+# write held searches back under the write lock), and before any lexical or hybrid search.
+LEXICAL_COMMIT_S = 1.0
 RECODE_FIT_SAMPLE = 4096
 
 QueryLike = str | Sequence[float] | np.ndarray
@@ -112,10 +114,12 @@ def _pack(value: int) -> bytes:
 class Collection(EncodedCollection):
     """Documents, codes and metadata of one collection, searchable exactly through its codec."""
 
-    def __init__(self, folder: Path, *, encoder: Encoder | None = None) -> None:
+    def __init__(self, folder: Path, *, encoder: Encoder | None = None, max_disk_bytes: int | None = None) -> None:
+        """`max_disk_bytes`: a storage limit for the collection's store (documents, codes, index);
+        a write that needs more fails with ResourceExhaustedError and changes nothing."""
         self.folder = folder
         self.config = CollectionConfig.from_json(read_json(folder / CONFIG_FILE))
-        self.store = LmdbStore(folder / STORE_DIR)
+        self.store = LmdbStore(folder / STORE_DIR, max_disk_bytes)
         self._finish_recode()
         self._generation = (self.store.get_meta(GENERATION) or b"").decode()
         self.codec = Codec.load(folder / _codec_dir(self._generation))
@@ -136,12 +140,16 @@ class Collection(EncodedCollection):
             self.store.write([], meta={CODES_FORMAT: codes_format})
         self._staged = codes_format == STAGED
         self._load_index()
-        if self._staged and self.codec.fitted:
-            self._encode_staged()  # a crash came between saving the fitted codec and re-encoding: finish it
+        if self._staged and self.codec.fitted:  # a crash came between saving the fitted codec and re-encoding
+            try:
+                self._encode_staged()
+            except ResourceExhaustedError:  # a full disk: open as staged (readable), fit again after a write
+                log.warning("collection %r: re-encoding its staged vectors found the disk full", folder.name)
         self.lexical = open_lexical(folder / LEXICAL_DIR)
         self._lexical_unlogged: list[int] = []  # applied to the lexical index, not yet committed there
         self._lexical_committed_at, self._bulk_depth = time.monotonic(), 0
-        self._catch_up_lexical()
+        self._lexical_behind = False  # a lexical write failed after its LMDB commit: replay from the log
+        self._lexical_safely(self._catch_up_lexical)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @classmethod
@@ -166,6 +174,8 @@ class Collection(EncodedCollection):
 
     def close(self, reason: str = "closed") -> None:
         if self._closed is None:
+            with self._lock.write():
+                self._lexical_safely(self._commit_lexical)
             self._closed = reason
             release_lexical(self.folder / LEXICAL_DIR)
             self.store.close()
@@ -270,9 +280,8 @@ class Collection(EncodedCollection):
             meta = {NEXT_VID: _pack(first + n)} if keep_vids else {}
             sequence, logged = self._lexical_log(keys)
             self.store.write(puts, meta={**meta, **job_meta, **logged}, index=index_write)
+            # Committed: RAM follows now, before anything that can fail (the lexical index, housekeeping).
             apply()
-            self._apply_lexical(sequence, [(key, texts[i] if texts is not None else None)
-                                           for i, key in enumerate(keys)], [])
             self._forget(replaced)
             vids = np.arange(first, first + n)
             if self.spann is not None:
@@ -282,14 +291,16 @@ class Collection(EncodedCollection):
             self.metadata.append(metas)
             self._ids.extend(keys)
             self._row_of.update(zip(keys, vids.tolist(), strict=True))
+            self._apply_lexical(sequence, [(key, texts[i] if texts is not None else None)
+                                           for i, key in enumerate(keys)], [])
             self._after_write()
         return n
 
     def upsert_stream(self, batches: Iterable[UpsertBatch]) -> Iterator[int]:
         """Each batch in its own transaction (with its checkpoint), yielding how many it wrote as it
         commits; once the stream ends the write buffer is flushed, so a bulk load is fully indexed.
-        A bad batch raises and leaves the ones before it committed (as over gRPC). Lexical search
-        sees a streamed batch within LEXICAL_COMMIT_S, and every batch once the stream ends."""
+        A bad batch raises and leaves the ones before it committed (as over gRPC); a lexical search
+        sees every batch acknowledged before it."""
         with self.bulk():
             for batch in batches:
                 yield self.upsert(batch.ids, texts=batch.texts, vectors=batch.vectors, metadata=batch.metadata,
@@ -298,17 +309,17 @@ class Collection(EncodedCollection):
 
     @contextlib.contextmanager
     def bulk(self) -> Iterator[None]:
-        """Writes inside are a bulk load: lexical commits are grouped (at most LEXICAL_COMMIT_S
-        apart), and at the end everything is committed and the lexical index's merges finish."""
+        """Writes inside are a bulk load: at the end everything is committed to the lexical index
+        and its merges finish."""
         self._bulk_depth += 1
         try:
             yield
         finally:
             self._bulk_depth -= 1
             with self._lock.write():
-                self._commit_lexical()
+                self._lexical_safely(self._commit_lexical)
                 if not self._bulk_depth:
-                    self.lexical.settle()
+                    self._lexical_safely(self.lexical.settle)
 
     def _stage_removal(self, keys: Sequence[str]) -> tuple[Callable[[lmdb.Transaction], None] | None,
                                                             Callable[[], None]]:
@@ -329,21 +340,25 @@ class Collection(EncodedCollection):
         return write, apply
 
     def _after_write(self) -> None:
-        """Housekeeping after a committed write: fit the codec, choose or rebuild the index, flush."""
-        if self.spann is None:
-            self._maybe_compact()
-            if self._staged and self.auto_fit and self.count() >= self.fit_threshold:
-                self._fit_locked(self._staging_codec.decode(self.index.codes()[self.index.live[: self.index.rows]]))
-            if self._wants_spann():
-                self._build_spann()
-            return
-        # The write itself has committed: index maintenance that fails (a full disk) is rolled
-        # back, logged and tried again after the next write, never reported as a failed write.
+        """Housekeeping after a committed write: fit the codec, choose or rebuild the index, flush.
+
+        The write itself has committed: maintenance that fails (a full disk) is rolled back, logged
+        and tried again after the next write, never reported as a failed write (a flat collection's
+        codec fit or first SPANN build on a full disk failed the upsert that had just committed)."""
         try:
+            if self.spann is None:
+                self._maybe_compact()
+                if self._staged and self.auto_fit and self.count() >= self.fit_threshold:
+                    self._fit_locked(self._staging_codec.decode(self.index.codes()[self.index.live[: self.index.rows]]))
+                if self._wants_spann():
+                    self._build_spann()
+                return
             if self.spann.buffer.rows >= FLUSH_ROWS:
                 self._flush()
             if self._deleted_since_purge > PURGE_FRACTION * max(self.count(), 1):
                 self._purge()
+        except ResourceExhaustedError as err:
+            log.warning("collection %r: index maintenance postponed, the data is safe: %s", self.name, err)
         except Exception:
             log.exception("collection %r: index maintenance failed; the data is safe and it will be retried",
                           self.name)
@@ -499,8 +514,8 @@ class Collection(EncodedCollection):
                 sequence, logged = self._lexical_log(present)
                 self.store.write([], [k.encode() for k in present], meta={**logged, **job_meta}, index=index_write)
                 apply()
-                self._apply_lexical(sequence, [], present)
                 self._forget(present)
+                self._apply_lexical(sequence, [], present)
                 self._after_write()
             elif job_meta:
                 self.store.write([], meta=job_meta)
@@ -594,6 +609,7 @@ class Collection(EncodedCollection):
                 dense = [[(self._ids[r], s) for r, s in zip(row, row_scores, strict=True) if r >= 0]
                          for row, row_scores in zip(rows.tolist(), scores.tolist(), strict=True)]
         if mode != "dense":
+            self._publish_lexical()
             lexical = [self._lexical_top(str(q), depth, allowed) for q in queries]
         ranked = [fuse(dense[i] if dense else None, lexical[i] if lexical else None, mode, fusion, rrf_k, alpha, k)
                   for i in range(len(queries))]
@@ -693,13 +709,43 @@ class Collection(EncodedCollection):
         return sequence, {LEXICAL_SEQ: _pack(sequence), LEXICAL_LOG + _pack(sequence): json.dumps(list(keys)).encode()}
 
     def _apply_lexical(self, sequence: int, upserts: Sequence[tuple[str, str | None]], deletes: Sequence[str]) -> None:
-        """After the LMDB commit: the same change in the lexical index, then the log entries it
-        covers go. Inside a bulk stream the commit waits up to LEXICAL_COMMIT_S (a tantivy commit
-        costs ~37 ms: one per 512-document batch halved ingest speed)."""
-        self.lexical.stage(upserts, deletes)
-        self._lexical_unlogged.append(sequence)
-        if self._bulk_depth == 0 or time.monotonic() - self._lexical_committed_at >= LEXICAL_COMMIT_S:
-            self._commit_lexical()
+        """After the LMDB commit: the same change staged in the lexical index; the commit, which
+        also drops the log entries it covers, waits up to LEXICAL_COMMIT_S or until a lexical
+        search (`_publish_lexical`). A tantivy commit costs ~16-37 ms: one per 512-document batch
+        halved ingest speed, and one per small write (soak: 20 writes/s) held the searches back
+        under the write lock until their p50 went from 5 ms to seconds. Never raises (see
+        `_lexical_safely`); once behind, the log replay brings this batch in with the others."""
+        if self._lexical_behind:
+            self._lexical_safely(self._catch_up_lexical)
+            return
+
+        def step() -> None:
+            self.lexical.stage(upserts, deletes)
+            self._lexical_unlogged.append(sequence)
+            if time.monotonic() - self._lexical_committed_at >= LEXICAL_COMMIT_S:
+                self._commit_lexical()
+
+        self._lexical_safely(step)
+
+    def _publish_lexical(self) -> None:
+        """Commit what writes have staged, so a lexical search sees every acknowledged write."""
+        if self._lexical_unlogged:
+            with self._lock.write():
+                self._lexical_safely(self._commit_lexical)
+
+    def _lexical_safely(self, step: Callable[[], None]) -> None:
+        """Run a lexical-index step that follows an LMDB commit. When it fails (a full disk kills
+        tantivy's writer) the committed write stands: the index drops what it had staged and is
+        marked behind; the batches stay in the LMDB log and are replayed before the next write, or
+        on the next open. Until then lexical search misses them."""
+        try:
+            step()
+        except Exception:
+            log.warning("collection %r: the lexical index could not be written; it catches up from the log "
+                        "at the next write", self.name, exc_info=True)
+            self.lexical.discard()
+            self._lexical_unlogged.clear()
+            self._lexical_behind = True
 
     def _commit_lexical(self) -> None:
         if not self._lexical_unlogged:
@@ -715,6 +761,7 @@ class Collection(EncodedCollection):
         current = self._meta_int(LEXICAL_SEQ)
         logged = self.store.meta_items(LEXICAL_LOG)
         if self.lexical.applied >= current and not logged:
+            self._lexical_behind = False
             return
         if self.lexical.applied < 0:  # new (or lost): from the documents themselves
             keys = list(self._row_of)
@@ -728,6 +775,7 @@ class Collection(EncodedCollection):
             self.lexical.stage([(k, json.loads(d).get("text")) for k, d in zip(part, docs, strict=True) if d],
                                [k for k, d in zip(part, docs, strict=True) if not d])
         self.lexical.commit(current)
+        self._lexical_behind = False
         self.store.delete_meta([key for key, _ in logged])
 
     def recode(self, spec: str, *, progress: bool = True) -> JSONDict:
@@ -861,6 +909,7 @@ class Collection(EncodedCollection):
             "metadata_fields": sorted(self.metadata.fields),
             "index": self._index_info(),
             "disk_bytes": self.store.disk_bytes() + self.lexical.disk_bytes(),
+            "lexical_behind": self._lexical_behind,
             "jobs": self.jobs(),
         }
 

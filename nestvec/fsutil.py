@@ -1,7 +1,9 @@
-"""Crash-safe file writes: temp file, fsync, os.replace (a reader sees the old file or the new one)."""
+"""Crash-safe file writes: temp file, fsync, os.replace (a reader sees the old file or the new one).
+A full disk is a ResourceExhaustedError naming the file, never a bare OSError."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -10,6 +12,38 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from nestvec.errors import ResourceExhaustedError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def out_of_space(path: Path, what: str) -> ResourceExhaustedError:
+    """The error for a write that found no space: what was written, where, and what is left."""
+    try:
+        stat = os.statvfs(path if path.exists() else path.parent)
+        left = f"{stat.f_bavail * stat.f_frsize} bytes free there"
+    except OSError:
+        left = "free space unknown"
+    return ResourceExhaustedError(f"disk full: no space for {what} in {path} ({left}); free space and retry")
+
+
+def preallocate(path: Path, nbytes: int, what: str) -> None:
+    """Give `path` real blocks up to `nbytes` (posix_fallocate): a later write into them through a
+    memory map cannot hit a full disk, which would kill the process with SIGBUS instead of failing.
+    A file system without fallocate keeps the file sparse, as before."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as err:
+        if err.errno in NO_SPACE:
+            raise out_of_space(path, what) from err
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -21,9 +55,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in NO_SPACE:
+            raise out_of_space(path, f"{len(data)} bytes") from err
         raise
     fsync_dir(path.parent)
 

@@ -142,7 +142,9 @@ def test_scores_are_computed_in_blocks(data: tuple[np.ndarray, np.ndarray]) -> N
     codes = codec.encode(docs)
     blocks = list(codec.iter_scores(queries, codes, block_rows=1000))
     assert [b.shape[1] for _, b in blocks] == [1000, 1000, 1000]
-    assert np.allclose(np.concatenate([b for _, b in blocks], axis=1), codec.scores(queries, codes))
+    # Same sums, but BLAS may order them differently per block width: float32 rounding, not a bug.
+    np.testing.assert_allclose(np.concatenate([b for _, b in blocks], axis=1), codec.scores(queries, codes),
+                               rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("scan_rows", [16384, 700])

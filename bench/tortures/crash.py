@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from bench.tortures import REPO, scifact_folder
 from nestvec.checks import check_vectors
 
 NAME = "crash"
-REPO = Path(__file__).resolve().parents[2]
 COLLECTION = "torture"
 RECODE_SPECS = ("fp16", "int8", "fp8")
 SEARCH_MODES = ("dense", "lexical", "hybrid")
@@ -51,11 +51,6 @@ JSONLike = dict[str, Any]
 
 
 # -- the data: SciFact texts and shipped MiniLM vectors -------------------------------------------
-def shared_data() -> Path:
-    root = os.environ.get("NESTVEC_SHARED")
-    return (Path(root) if root else REPO.parent / "shared") / "data" / "scifact"
-
-
 @dataclass
 class Pool:
     """The first `size` SciFact documents: what every operation draws its texts and vectors from."""
@@ -66,7 +61,7 @@ class Pool:
 
     @classmethod
     def load(cls, size: int) -> Pool:
-        folder = shared_data()
+        folder = scifact_folder()
         by_id: dict[str, str] = {}
         with (folder / "corpus.jsonl").open(encoding="utf-8") as fh:
             for line in fh:

@@ -17,6 +17,7 @@ from nestvec.fsutil import hash_file
 from nestvec.types import EncoderIdentity
 
 BUNDLED_MODEL = "all-MiniLM-L6-v2"
+CHARS_PER_TOKEN = 64  # a text is read up to max_seq_length x this many characters (see _cut)
 BUNDLED_ALIASES = {BUNDLED_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "default", "minilm"}
 _HASHED_SUFFIXES = {".json", ".txt", ".safetensors", ".bin", ".model"}
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -99,8 +100,14 @@ class SentenceTransformerEncoder:
         # Short CPU batches waste less on padding; GPUs want wide batches.
         self.batch_size = batch_size or (128 if self.device.startswith("cuda") else 16)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
-        self._model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True,
-                                          model_kwargs={"dtype": dtype})
+        try:
+            self._model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True,
+                                              model_kwargs={"dtype": dtype})
+        except Exception as err:  # a folder that is no model fails in many ways (found by the API fuzzer)
+            if model in BUNDLED_ALIASES:
+                raise
+            raise invalid("encoder", f"{model!r} is not a sentence-transformers model folder: "
+                                     f"{type(err).__name__}: {str(err)[:300]}") from None
         self._dim = int(self._model.get_embedding_dimension() or 0)
         self.total_layers = len(_layer_list(self._model)[1])
         self.layers = self._cut_layers(layers)
@@ -156,10 +163,20 @@ class SentenceTransformerEncoder:
             return np.zeros((0, dim or self._dim), dtype=np.float32)
         progress = len(batch) > 512 if show_progress is None else show_progress
         fn = self._model.encode_query if kind == "query" else self._model.encode_document
-        raw = fn(batch, batch_size=self.batch_size, show_progress_bar=progress, convert_to_tensor=True,
+        raw = fn(self._cut(batch), batch_size=self.batch_size, show_progress_bar=progress, convert_to_tensor=True,
                  normalize_embeddings=False)
         out = truncate_normalize(raw.float().cpu().numpy(), dim)
         return out[0] if single else out
+
+    def _cut(self, texts: list[str]) -> list[str]:
+        """Texts cut to CHARS_PER_TOKEN characters per token the model reads, before tokenizing: the
+        tokenizer reads the whole text before truncating it, so a 10 MB text took 18 s of CPU (the
+        API fuzzer's hang). No real text needs more: a token covers about 4 characters of prose."""
+        tokens = getattr(self._model, "max_seq_length", None)
+        if not tokens:
+            return texts
+        most = int(tokens) * CHARS_PER_TOKEN
+        return [t[:most] for t in texts]
 
 
 def _layer_list(model: Any) -> tuple[tuple[Any, str], Any]:

@@ -21,6 +21,10 @@ _COMPARISONS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
 }
 _MEMBERSHIP = ("$eq", "$ne", "$in", "$nin")
 OPERATORS = (*_MEMBERSHIP, *_COMPARISONS)
+# Checked before any work: an $or of 50,000 conditions held the server's search thread for 5 s on
+# 300 rows, as each condition scans every row (API fuzzer; long lists of values belong in one $in),
+# and a filter dict 500 deep overflowed the evaluator's recursion (RecursionError, embedded client).
+MAX_DEPTH, MAX_CONDITIONS = 32, 256
 
 
 def _is_number(v: Any) -> bool:
@@ -34,6 +38,21 @@ def _same(a: Any, b: Any) -> bool:
 
 def _hashable_key(v: Any) -> Any:
     return (type(v) is bool, v) if isinstance(v, str | int | float | bool) or v is None else None
+
+
+def _check_size(spec: JSONDict) -> None:
+    """Depth and number of conditions, walked without recursion (what is checked must not overflow)."""
+    stack, conditions = [(spec, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise invalid("filter", f"$and / $or nest more than {MAX_DEPTH} deep")
+        for key, value in node.items():
+            conditions += 1
+            if conditions > MAX_CONDITIONS:
+                raise invalid("filter", f"has more than {MAX_CONDITIONS} conditions (put long lists in one $in)")
+            if key in ("$and", "$or") and isinstance(value, list):
+                stack.extend((v, depth + 1) for v in value if isinstance(v, dict))
 
 
 class MetadataTable:
@@ -106,6 +125,7 @@ class MetadataTable:
             return None
         if not isinstance(spec, dict):
             raise invalid("filter", f"must be a JSON object, got {type(spec).__name__}")
+        _check_size(spec)
         return self._node(spec, "filter")
 
     def _node(self, spec: JSONDict, path: str) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from nestvec.index.store import StoreEnv
 from nestvec.memory import CAN_MADVISE, MADV_WILLNEED, madvise, mapped_file
 
 _HEADER = struct.Struct("<I")
@@ -37,7 +38,8 @@ def unpack_list(blob: Any, code_size: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class PostingStore:
-    def __init__(self, env: lmdb.Environment, name: bytes = b"postings") -> None:
+    def __init__(self, env: lmdb.Environment | StoreEnv, name: bytes = b"postings") -> None:
+        """`env`: a collection's store (StoreEnv) or a bare environment of its own (tests, benchmarks)."""
         self.env = env
         self.db = env.open_db(name)
         # Centroids and tombstones live in the same environment, so a split or a delete commits

@@ -35,12 +35,21 @@ log = logging.getLogger("nestvec.service")
 ERROR_CLASS_KEY = "nestvec-error"
 MAX_MESSAGE_BYTES = 64 << 20
 MAX_BATCH_POINTS = 50_000
+MAX_DETAILS = 1000  # characters of an error message sent back (gRPC clients take 8 KB of headers)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _details(message: str) -> str:
+    """An error message short enough for the status header: messages quote the input, and a 100 KB
+    collection name made a 100 KB header that the client refused (RESOURCE_EXHAUSTED, not the error)."""
+    if len(message) <= MAX_DETAILS:
+        return message
+    return f"{message[:MAX_DETAILS]}... ({len(message) - MAX_DETAILS:,} characters cut)"
 
 
 def _abort(context: grpc.ServicerContext, err: NestvecError) -> None:
     context.set_trailing_metadata(((ERROR_CLASS_KEY, type(err).__name__),))
-    context.abort(getattr(grpc.StatusCode, err.grpc_status, grpc.StatusCode.UNKNOWN), err.message)
+    context.abort(getattr(grpc.StatusCode, err.grpc_status, grpc.StatusCode.UNKNOWN), _details(err.message))
 
 
 def rpc(method: F) -> F:
@@ -54,7 +63,7 @@ def rpc(method: F) -> F:
             _abort(context, err)
         except Exception as err:  # an unexpected failure must still answer, not hang the client
             log.exception("internal error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(err).__name__}: {err}")
+            context.abort(grpc.StatusCode.INTERNAL, _details(f"{type(err).__name__}: {err}"))
 
     return unary  # type: ignore[return-value]
 
@@ -290,9 +299,10 @@ def _open_all(catalog: Catalog) -> None:
 
 
 def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0, ray: str | None = None,
-          **kwargs: Any) -> None:
+          max_disk_bytes: int | None = None, **kwargs: Any) -> None:
     """Run until SIGINT/SIGTERM; then stop taking calls and let in-flight ones (writes included) finish.
-    With `ray`, sharded collections live on that Ray cluster (see Catalog)."""
+    With `ray`, sharded collections live on that Ray cluster; `max_disk_bytes` caps each collection
+    on disk (see Catalog)."""
     import faiss
     from threadpoolctl import threadpool_limits
 
@@ -301,7 +311,7 @@ def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0
     # cut 8-client throughput on SPANN from ~200 to 25 searches/s).
     faiss.omp_set_num_threads(1)
     threadpool_limits(1, user_api="blas")  # BLAS only: torch's encoding threads are left alone
-    with Catalog(data, ray=ray) as catalog:
+    with Catalog(data, ray=ray, max_disk_bytes=max_disk_bytes) as catalog:
         _open_all(catalog)
         server, bound = build_server(catalog, address=f"{host}:{port}", **kwargs)
         server.start()

@@ -38,6 +38,8 @@ def from_json(text: str, field: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise invalid(field, f"is not valid JSON: {err}") from None
+    except RecursionError:  # '[' * 100_000: the decoder's own depth limit, which was an INTERNAL error
+        raise invalid(field, "nests too deeply to parse") from None
 
 
 def from_json_object(text: str, field: str) -> JSONDict:

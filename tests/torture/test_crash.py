@@ -9,16 +9,11 @@ from pathlib import Path
 import numpy as np
 
 import nestvec
-from bench.tortures import crash
+from bench.tortures import crash, part_args
 
 
 def _args(**overrides: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    crash.add_arguments(parser)
-    args = parser.parse_args([])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+    return part_args(crash, **overrides)
 
 
 def test_sigkilled_workloads_keep_every_acknowledged_write_and_delete() -> None:
