@@ -11,8 +11,8 @@ flipped, cut or spliced bytes. A fixed list of edge cases runs first in every ru
 
 Promises checked after each case: the process is alive; the reply came within --deadline-s (else:
 a hang); its status is OK or an expected one (INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS,
-FAILED_PRECONDITION, RESOURCE_EXHAUSTED, OUT_OF_RANGE; UNAUTHENTICATED without a key); INTERNAL
-only where the bytes do not parse as the request message (gRPC's own status for that); after
+FAILED_PRECONDITION, RESOURCE_EXHAUSTED, OUT_OF_RANGE; UNAUTHENTICATED without a key), never
+INTERNAL (bytes that do not parse as the request are INVALID_ARGUMENT naming the message); after
 every rejected write, and every --check-every cases, a digest of the whole data (collection list,
 Describe, Get of every id ever written, a probe search per collection) is unchanged; no file
 appears outside the data folder, and no half-made collection folder stays inside it.
@@ -56,7 +56,7 @@ BIG_TEXT = 10_000_000  # characters: "10 MB texts"
 SERVER_LIMIT = 64 << 20  # the server's default --max-message-mb
 EXPECTED = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "FAILED_PRECONDITION",
                       "RESOURCE_EXHAUSTED", "OUT_OF_RANGE"})
-PARSE_FAILURE = "Exception deserializing request!"  # grpc's own INTERNAL detail for unparseable bytes
+PARSE_FAILURE = "the bytes are not a "  # in the INVALID_ARGUMENT detail for unparseable bytes
 WRITE_METHODS = frozenset({"Create", "Drop", "Upsert", "UpsertStream", "Delete"})
 JSONLike = dict[str, Any]
 
@@ -144,8 +144,8 @@ class Case:
         codes = set(EXPECTED)
         if self.method.name == "HealthCheck":
             codes = {"OK", "NOT_FOUND"}  # an unknown service name
-        if not all(_parses(self.method, p) for p in self.payloads):
-            codes.add("INTERNAL")  # gRPC's own answer to bytes that are not the message (checked by detail)
+            if self.payloads and not _parses(self.method, self.payloads[0]):
+                codes.add("INVALID_ARGUMENT")
         if sum(len(p) for p in self.payloads) > SERVER_LIMIT or any(len(p) > SERVER_LIMIT for p in self.payloads):
             codes.add("RESOURCE_EXHAUSTED")
         return frozenset(codes)
@@ -813,9 +813,11 @@ class Fuzzer:
             return tally.hangs < 3
         if "metadata size exceeds" in outcome.details:  # the client refused the reply's headers
             tally.bug(i, case, f"error message too long for the status header: {outcome.code}", outcome)
-        elif outcome.code not in case.expected() or (
-                outcome.code == "INTERNAL" and outcome.details != PARSE_FAILURE):
+        elif outcome.code not in case.expected():
             tally.bug(i, case, f"unexpected status {outcome.code}", outcome)
+        elif case.payloads and not _parses(case.method, case.payloads[0]) and PARSE_FAILURE not in outcome.details \
+                and outcome.code not in ("RESOURCE_EXHAUSTED", "UNAUTHENTICATED"):
+            tally.bug(i, case, f"unparseable bytes answered without naming the message: {outcome.code}", outcome)
         elif outcome.code == "OK" and (problem := check_reply(case, outcome)):
             tally.bug(i, case, problem, outcome)
         if case.write and outcome.code == "OK":

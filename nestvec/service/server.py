@@ -25,7 +25,7 @@ from nestvec.encoders import BUNDLED_MODEL
 from nestvec.errors import NestvecError, ResourceExhaustedError, invalid
 from nestvec.index.fusion import check_fusion
 from nestvec.service.coalesce import SearchCoalescer
-from nestvec.service.interceptors import AuthInterceptor, MethodStats, StatsInterceptor
+from nestvec.service.interceptors import AuthInterceptor, MethodStats, ParseInterceptor, StatsInterceptor
 from nestvec.types import Hit
 from nestvec.wire import convert
 from nestvec.wire._pb.nestvec.v1 import nestvec_pb2 as pb
@@ -257,7 +257,7 @@ def build_server(catalog: Catalog, *, address: str = "127.0.0.1:50051", api_keys
                  max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
     """A ready-to-start server and its bound port (pass port 0 to pick a free one)."""
     stats = MethodStats()
-    interceptors: list[grpc.ServerInterceptor] = [StatsInterceptor(stats)]
+    interceptors: list[grpc.ServerInterceptor] = [StatsInterceptor(stats), ParseInterceptor()]
     if api_keys or read_only_keys:
         interceptors.insert(0, AuthInterceptor(api_keys, read_only_keys))
     options = [("grpc.max_receive_message_length", max_message_bytes),
