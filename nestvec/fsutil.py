@@ -91,6 +91,21 @@ def load_npy(path: Path) -> np.ndarray:
     return np.load(path, allow_pickle=False)
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the plain files in `folder`. A file removed while it is counted (tantivy's merges
+    delete old segment files at any moment) counts as gone: an uncaught FileNotFoundError here once
+    turned a Describe into INTERNAL (API fuzzer, 1 case in 5,000)."""
+    total = 0
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+    return total
+
+
 def hash_file(digest: Any, path: Path) -> Any:
     """Feed a file to a hashlib digest in 4 MB chunks (model weights run to gigabytes)."""
     with open(path, "rb") as fh:

@@ -16,6 +16,7 @@ import numpy as np
 import tantivy
 
 from nestvec.concurrency import PerPath
+from nestvec.fsutil import folder_bytes
 
 _APPLIED = "\x00applied"  # the id of the document holding the applied sequence number
 # Runs of letters and digits: the tokenizer splits words at anything else (an underscore too), and
@@ -55,7 +56,7 @@ class LexicalIndex:
         return {searcher.doc(address)["id"][0] for _, address in hits} - {_APPLIED}
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.folder.iterdir() if f.is_file())
+        return folder_bytes(self.folder)
 
     def _open_writer(self) -> tantivy.IndexWriter:
         if self._closed:
