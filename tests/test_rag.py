@@ -168,6 +168,7 @@ def test_speculative_retrieval_gives_the_plain_loops_output(scifact: Any, tiny_l
         assert spec.text == plain.text and spec.text
         assert [[p.id for p in s.passages] for s in spec.stats.steps_log] == \
             [[p.id for p in s.passages] for s in plain.stats.steps_log]
+        assert [(p.id, p.score) for p in spec.passages] == [(p.id, p.score) for p in plain.passages]
         assert spec.citations == plain.citations
         assert spec.stats.store_calls < plain.stats.store_calls == plain.stats.steps
         rolled_back += spec.stats.rolled_back
@@ -216,6 +217,8 @@ def test_speculation_from_the_local_cache_of_passages_and_vectors(scifact_encode
         assert spec.text == plain.text and spec.citations == plain.citations
         assert [[p.id for p in s.passages] for s in spec.stats.steps_log] == \
             [[p.id for p in s.passages] for s in plain.stats.steps_log]
+        # verified guesses carry the store's scores, not the cache's own inner products
+        assert [(p.id, p.score) for p in spec.passages] == [(p.id, p.score) for p in plain.passages]
         assert max(len(s.passages) for s in plain.stats.steps_log) <= 3  # prefetched passages are not packed
         for source, count in spec.stats.speculated_from.items():
             speculated[source] = speculated.get(source, 0) + count

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nestvec.errors import invalid
 from nestvec.rag.context import Passage
@@ -75,6 +75,13 @@ def _generate(generator: Generator, prompt: Prompt, draft: Draft, tokens: int, s
 
 def _same(a: Sequence[Passage], b: Sequence[Passage]) -> bool:
     return [(p.id, p.text) for p in a] == [(p.id, p.text) for p in b]
+
+
+def _scored_by(packed: Sequence[Passage], truth: Sequence[Passage]) -> list[Passage]:
+    """The packed passages with the store's scores: a guess from the local cache carries the
+    cache's own inner products, which differ from the store's (codes, hybrid fusion)."""
+    scores = {p.id: p.score for p in truth}
+    return [replace(p, score=scores.get(p.id, p.score)) for p in packed]
 
 
 def plain_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generator: Generator, *, stride: int,
@@ -241,7 +248,9 @@ def speculative_loop(question: str, retrieve: RetrieveBatch, pack: Pack, generat
         for spec, truth in zip(batch, truths, strict=True):
             hit = _same(spec.passages, truth)
             score(spec.guesses, truth)
-            if not hit:
+            if hit:  # the step stands; its passages carry the store's scores, as in the plain loop
+                steps[spec.index].passages = _scored_by(steps[spec.index].passages, truth)
+            else:
                 stats.rolled_back += 1
                 draft, known, last = spec.before, truth, truth
                 costs.observe_waste(sum(step_seconds[spec.index:]))

@@ -81,6 +81,8 @@ class RAG:
         self.search: SearchOptions = {"mode": RAG_MODE, **search}
         self.speculation_costs = SpeculationCosts()  # measured by each speculative answer, used by the next
         self._query_encoder: Encoder | bool | None = query_encoder if query_encoder is not None else False
+        self._store_encoder: Encoder | bool | None = False  # the collection's model here; False: not looked up
+        self._alone: dict[str, np.ndarray] = {}  # query text -> its vector embedded on its own
         self.speculation_cache = speculation_cache
 
     def retrieve_batch(self, queries: Sequence[str]) -> list[list[Passage]]:
@@ -92,7 +94,8 @@ class RAG:
         """Iterative retrieval: top-(k + prefetch), the first k used, all of them cached."""
         def retrieve(queries: Sequence[str]) -> list[list[Passage]]:
             options: SearchOptions = {**self.search, "with_vectors": cache is not None}
-            rows = self.collection.search_batch(list(queries), self.k + self.prefetch, self.filter, **options)
+            rows = self.collection.search_batch(list(queries), self.k + self.prefetch, self.filter,
+                                                vectors=self._embedded_alone(queries), **options)
             out = []
             for row in rows:
                 passages = [Passage.from_hit(h) for h in row]
@@ -106,12 +109,37 @@ class RAG:
     def query_encoder(self) -> Encoder | None:
         """The encoder that embeds speculation queries like the store embeds them, if one is here."""
         if self._query_encoder is False:
-            self._query_encoder = _same_encoder(self.collection)
+            self._query_encoder = self.store_encoder()
         return self._query_encoder if isinstance(self._query_encoder, Encoder) else None
+
+    def store_encoder(self) -> Encoder | None:
+        """The collection's own model, here (embedded, or loaded when a remote collection's weights are here)."""
+        if self._store_encoder is False:
+            self._store_encoder = _same_encoder(self.collection)
+        return self._store_encoder if isinstance(self._store_encoder, Encoder) else None
+
+    def _embedded_alone(self, queries: Sequence[str]) -> np.ndarray | None:
+        """Iterative steps' query vectors, each embedded on its own, for the store's dense side.
+        Embedding a batch pads its texts to one length, and with bf16 matmuls (or any kernel whose
+        blocking follows the batch shape) a query's vector then depends on its batch mates: scores
+        moved by ~1e-3, enough to reorder near ties, so a step checked inside a SearchBatch could
+        get other passages than the plain loop's single search. None: the store embeds them."""
+        encoder = self.store_encoder() if self.search.get("mode") != "lexical" else None
+        if encoder is None:
+            return None
+        if len(self._alone) > 4096:  # one answer's queries are a few dozen; keep the memo bounded
+            self._alone.clear()
+        for query in queries:
+            if query not in self._alone:
+                self._alone[query] = encoder.encode(query, kind="query")
+        return np.stack([self._alone[query] for query in queries])
 
     def _cache_speculator(self, cache: PassageCache, encoder: Encoder) -> Speculator:
         def guess(query: str) -> list[Passage]:
-            return cache.top_k(encoder.encode(query, kind="query"), self.k) if len(cache) else []
+            if not len(cache):
+                return []
+            alone = self._embedded_alone([query]) if encoder is self.store_encoder() else None
+            return cache.top_k(alone[0] if alone is not None else encoder.encode(query, kind="query"), self.k)
         return guess
 
     def retrieve(self, question: str) -> list[Passage]:
