@@ -24,6 +24,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,21 @@ def client_main(plan: Plan, ready: Any, out: Any) -> None:
 # -- the server's resources ------------------------------------------------------------------------
 def process_sample(pid: int) -> tuple[float, int]:
     """(resident MB, open file descriptors) of a process, from /proc."""
-    rss_kb = 0
+    memory = memory_mb(pid)
+    return memory["rss"], len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident MB in all, anonymous (heap: what a leak grows) and file-backed (LMDB's mapped
+    pages, which the kernel can drop and which grow with the data read), from /proc."""
+    fields = {"VmRSS:": "rss", "RssAnon:": "anon", "RssFile:": "file"}
+    out = dict.fromkeys(fields.values(), 0.0)
     with open(f"/proc/{pid}/status", encoding="utf-8") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
-                rss_kb = int(line.split()[1])
-    return rss_kb / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+            name = line.split(maxsplit=1)[0] if line.strip() else ""
+            if name in fields:
+                out[fields[name]] = int(line.split()[1]) / 1024
+    return out
 
 
 def slope_per_minute(times_s: list[float], values: list[float]) -> float:
@@ -204,18 +214,26 @@ def slope_per_minute(times_s: list[float], values: list[float]) -> float:
 
 
 class Sampler(threading.Thread):
-    """Samples the server at start_at + k * interval (k = 0..n), then stops."""
+    """Samples the server at start_at + k * interval (k = 0..n), then stops: memory, descriptors
+    and (through `count`) the documents it holds, so memory growth can be read per document."""
 
-    def __init__(self, pid: int, start_at: float, interval_s: float, samples: int) -> None:
+    def __init__(self, pid: int, start_at: float, interval_s: float, samples: int,
+                 count: Callable[[], int] | None = None) -> None:
         super().__init__(daemon=True)
         self.pid, self.start_at, self.interval_s, self.samples = pid, start_at, interval_s, samples
+        self.count = count
         self.rows: list[tuple[float, float, int]] = []  # (seconds since start, MB, fds)
+        self.details: list[dict[str, float]] = []  # anon / file MB and documents, per row
 
     def run(self) -> None:
         for k in range(self.samples):
             time.sleep(max(0.0, self.start_at + k * self.interval_s - time.time()))
-            with_rss, fds = process_sample(self.pid)
-            self.rows.append((time.time() - self.start_at, with_rss, fds))
+            memory = memory_mb(self.pid)
+            fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+            self.rows.append((time.time() - self.start_at, memory["rss"], fds))
+            docs = float(self.count()) if self.count is not None else float("nan")
+            self.details.append({"anon_mb": round(memory["anon"], 1), "file_mb": round(memory["file"], 1),
+                                 "docs": docs})
 
 
 def _drain(stream: Any, sink: list[str]) -> None:
@@ -322,7 +340,7 @@ def run(args: argparse.Namespace) -> JSONLike:
             rss0, fds0 = process_sample(server.pid)
             start_at.value = time.time() + 1.0
             ready.wait(timeout=60)
-            sampler = Sampler(server.pid, start_at.value, args.interval_s, count + 1)
+            sampler = Sampler(server.pid, start_at.value, args.interval_s, count + 1, col.count)
             sampler.start()
             parts = _collect(out, procs, time.monotonic() + seconds + 300)
             sampler.join(args.interval_s + 30)
@@ -335,9 +353,18 @@ def run(args: argparse.Namespace) -> JSONLike:
             for row, (_, rss, fds) in zip(rows, samples[1:], strict=False):  # the sample at each interval's end
                 row["rss_mb"], row["fds"] = round(rss, 1), fds
             result["interval_rows"] = rows
-            result["samples"] = [{"t_s": round(t, 1), "rss_mb": round(m, 1), "fds": f} for t, m, f in samples]
+            result["samples"] = [{"t_s": round(t, 1), "rss_mb": round(m, 1), "fds": f, **d}
+                                 for (t, m, f), d in zip(samples, sampler.details, strict=True)]
             times = [t for t, _, _ in samples]
             result["rss_mb_per_min"] = round(slope_per_minute(times, [m for _, m, _ in samples]), 2)
+            for part in ("anon", "file"):
+                result[f"{part}_mb_per_min"] = round(slope_per_minute(times, [d[f"{part}_mb"]
+                                                                              for d in sampler.details]), 2)
+            docs = [d["docs"] for d in sampler.details]
+            if len(docs) >= 2 and docs[-1] != docs[0]:  # the writes grow the collection: memory per 1,000 documents
+                growth = (sampler.details[-1]["anon_mb"] - sampler.details[0]["anon_mb"]) / (docs[-1] - docs[0])
+                result["docs_added"] = int(docs[-1] - docs[0])
+                result["anon_mb_per_1k_docs_added"] = round(1000 * growth, 2)
             result["fds_per_min"] = round(slope_per_minute(times, [f for _, _, f in samples]), 3)
             result["errors"] = len(errors)
             result["error_examples"] = errors[:5]
