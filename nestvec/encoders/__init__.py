@@ -1,6 +1,8 @@
 """Text -> Matryoshka embeddings."""
 
 from nestvec.encoders.base import Encoder, truncate_normalize
+from nestvec.encoders.fast import PipelineConfig
 from nestvec.encoders.st import BUNDLED_MODEL, SentenceTransformerEncoder, load_encoder
 
-__all__ = ["BUNDLED_MODEL", "Encoder", "SentenceTransformerEncoder", "load_encoder", "truncate_normalize"]
+__all__ = ["BUNDLED_MODEL", "Encoder", "PipelineConfig", "SentenceTransformerEncoder", "load_encoder",
+           "truncate_normalize"]
