@@ -433,6 +433,14 @@ def plot(result: JSONLike, ax: Any) -> None:
     ax.set_ylabel("ms")
     ax.legend(loc="upper left", fontsize=8)
     twin = ax.twinx()
-    twin.plot(x, [r.get("rss_mb") for r in rows], "^--", color="gray", label="server RSS")
-    twin.set_ylabel(f"server RSS MB ({result.get('rss_mb_per_min', 0):+.1f} MB/min)")
+    samples = result.get("samples", [])[1:]  # the sample at each interval's end
+    if samples and "anon_mb" in samples[0]:
+        twin.plot(x, [s["anon_mb"] for s in samples][:len(x)], "^--", color="gray",
+                  label=f"server anonymous MB ({result.get('anon_mb_per_min', 0):+.1f}/min)")
+        twin.plot(x, [s["file_mb"] for s in samples][:len(x)], "v:", color="tab:green",
+                  label=f"server file-backed MB ({result.get('file_mb_per_min', 0):+.1f}/min)")
+        twin.set_ylabel("server resident MB")
+    else:
+        twin.plot(x, [r.get("rss_mb") for r in rows], "^--", color="gray", label="server RSS")
+        twin.set_ylabel(f"server RSS MB ({result.get('rss_mb_per_min', 0):+.1f} MB/min)")
     twin.legend(loc="upper right", fontsize=8)
