@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(data: Path, port: int) -> subprocess.Popen[bytes]:
-    """`nestvec serve` in its own process; returns once the health service answers SERVING."""
+def start_server(data: Path, port: int, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """`nestvec serve` in its own process (`extra`: more serve flags); returns once the health
+    service answers SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     proc = subprocess.Popen([sys.executable, "-m", "nestvec.cli", "--data", str(data), "serve", "--host",
-                             "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
+                             "127.0.0.1", "--port", str(port), "--api-key", API_KEY, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = health_pb2_grpc.HealthStub(channel)
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
                         help="the collection's index (auto: SPANN from 20,000 vectors)")
     parser.add_argument("--nprobe", type=int, default=0, help="SPANN lists per query (0 = index default)")
+    parser.add_argument("--search-threads", type=int, default=None, help="the server's (default: serve's own)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
 
@@ -198,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
 
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
-        server = start_server(Path(data), port)
+        server = start_server(Path(data), port, [] if args.search_threads is None
+                              else ["--search-threads", str(args.search_threads)])
         url = f"grpc://127.0.0.1:{port}"
         try:
             client = RemoteClient(url, api_key=API_KEY)

@@ -291,7 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           ray=args.ray,
           tls_cert=Path(args.tls_cert) if args.tls_cert else None,
           tls_key=Path(args.tls_key) if args.tls_key else None, max_message_bytes=args.max_message_mb << 20,
-          max_disk_bytes=args.max_disk_mb << 20 if args.max_disk_mb else None)
+          max_disk_bytes=args.max_disk_mb << 20 if args.max_disk_mb else None, search_threads=args.search_threads)
     return 0
 
 
@@ -497,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=int, default=64)
     p.add_argument("--max-disk-mb", type=int, default=None,
                    help="storage limit per collection: writes past it fail with RESOURCE_EXHAUSTED")
+    p.add_argument("--search-threads", type=int, default=1,
+                   help="threads answering searches (default 1: on 2 cores a second one mostly trades the GIL)")
     p.add_argument("--ray", default=argparse.SUPPRESS, metavar="ADDRESS", help=RAY_HELP)
     p.set_defaults(func=cmd_serve)
     return parser

@@ -45,12 +45,16 @@ class _Job:
 
 
 class SearchCoalescer:
-    def __init__(self, batch_from: int = BATCH_FROM, on_start: Callable[[], None] | None = None) -> None:
+    def __init__(self, batch_from: int = BATCH_FROM, on_start: Callable[[], None] | None = None,
+                 threads: int = 1) -> None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.batch_from = batch_from
+        self.threads = threads
         self._on_start = on_start  # e.g. one OpenMP thread for faiss calls made on the search thread
         self._ready = threading.Condition()
         self._pending: list[_Job] = []
-        self._thread: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
 
     def search(self, key: Hashable, vector: np.ndarray,
                run: Callable[[np.ndarray], list[list[Hit]]]) -> list[Hit]:
@@ -65,9 +69,11 @@ class SearchCoalescer:
 
     def _submit(self, job: _Job) -> Any:
         with self._ready:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="nestvec-search", daemon=True)
-                self._thread.start()
+            if not self._workers:
+                self._workers = [threading.Thread(target=self._loop, name=f"nestvec-search-{i}", daemon=True)
+                                 for i in range(self.threads)]
+                for worker in self._workers:
+                    worker.start()
             self._pending.append(job)
             self._ready.notify()
         return job.outcome()
@@ -79,8 +85,22 @@ class SearchCoalescer:
             with self._ready:
                 while not self._pending:
                     self._ready.wait()
-                jobs, self._pending = self._pending, []
+                jobs = self._take()
             self._run_turn(jobs)
+
+    def _take(self) -> list[_Job]:
+        """One thread takes every waiting job; with more threads, each takes the oldest job, or
+        the oldest job's whole crowd when it is large enough to batch, so the others stay free."""
+        if self.threads == 1:
+            jobs, self._pending = self._pending, []
+            return jobs
+        first = self._pending[0]
+        crowd = [j for j in self._pending if first.vector is not None and j.vector is not None and j.key == first.key]
+        if len(crowd) > self.batch_from:
+            taken = {id(j) for j in crowd}
+            self._pending = [j for j in self._pending if id(j) not in taken]
+            return crowd
+        return [self._pending.pop(0)]
 
     def _run_turn(self, jobs: list[_Job]) -> None:
         """Arrival order; a key with more than batch_from queries waiting runs as one batch."""

@@ -112,9 +112,9 @@ class CollectionsService(pb_grpc.CollectionsServicer):
 
 
 class PointsService(pb_grpc.PointsServicer):
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, search_threads: int = 1) -> None:
         self.catalog = catalog
-        self._searches = SearchCoalescer(on_start=_one_thread_per_search)
+        self._searches = SearchCoalescer(on_start=_one_thread_per_search, threads=search_threads)
 
     def _upsert(self, request: pb.UpsertRequest) -> int:
         if len(request.points) > MAX_BATCH_POINTS:
@@ -254,7 +254,8 @@ def _one_thread_per_search() -> None:
 
 def build_server(catalog: Catalog, *, address: str = "127.0.0.1:50051", api_keys: Sequence[str] = (),
                  read_only_keys: Sequence[str] = (), tls_cert: Path | None = None, tls_key: Path | None = None,
-                 max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int]:
+                 max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 search_threads: int = 1) -> tuple[grpc.Server, int]:
     """A ready-to-start server and its bound port (pass port 0 to pick a free one)."""
     stats = MethodStats()
     interceptors: list[grpc.ServerInterceptor] = [StatsInterceptor(stats), ParseInterceptor()]
@@ -265,7 +266,7 @@ def build_server(catalog: Catalog, *, address: str = "127.0.0.1:50051", api_keys
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, initializer=_one_thread_per_search),
                          interceptors=interceptors, options=options)
     pb_grpc.add_CollectionsServicer_to_server(CollectionsService(catalog), server)
-    pb_grpc.add_PointsServicer_to_server(PointsService(catalog), server)
+    pb_grpc.add_PointsServicer_to_server(PointsService(catalog, search_threads), server)
     pb_grpc.add_DiagnosticsServicer_to_server(DiagnosticsService(stats), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -75,3 +75,38 @@ def test_a_crowd_of_singles_is_answered_by_one_batch_and_errors_reach_their_call
     with pytest.raises(InvalidArgumentError, match="k: bad"):
         coalescer.run_alone(fail)
     assert coalescer.search("after", np.array([7], np.float32), run) == ["q7"]  # the thread survived
+
+
+def test_two_search_threads_answer_side_by_side_and_still_batch_crowds() -> None:
+    """With threads=2 a search that holds one thread does not hold up the others' queries; a crowd
+    of one key behind a busy pool is still answered by one stacked call."""
+    coalescer = SearchCoalescer(batch_from=2, threads=2)
+    started, gate, calls = threading.Event(), threading.Event(), []
+
+    def hold() -> bool:
+        started.set()
+        return gate.wait()
+
+    def run(vectors: np.ndarray) -> list[list[str]]:
+        calls.append(len(vectors))
+        return [[f"q{int(v[0])}"] for v in vectors]
+
+    with ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(coalescer.run_alone, hold)
+        assert started.wait(5)
+        # the second thread is free: a single query is answered while the first is held
+        assert pool.submit(coalescer.search, "free", np.array([3], np.float32), run).result(5) == ["q3"]
+        second = pool.submit(coalescer.run_alone, hold)  # now both threads are held
+        deadline = time.time() + 5
+        while coalescer._pending and time.time() < deadline:
+            time.sleep(0.01)
+        crowd = [pool.submit(coalescer.search, "crowd", np.array([i], np.float32), run) for i in range(4)]
+        while len(coalescer._pending) < 4 and time.time() < deadline + 5:
+            time.sleep(0.01)
+        assert len(coalescer._pending) == 4
+        gate.set()
+        assert blocker.result(5) is True and second.result(5) is True
+        assert [f.result(5) for f in crowd] == [[f"q{i}"] for i in range(4)]
+    assert calls == [1, 4]
+    with pytest.raises(ValueError, match="threads"):
+        SearchCoalescer(threads=0)
