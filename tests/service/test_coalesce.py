@@ -39,20 +39,28 @@ def test_concurrent_searches_get_their_own_results(server: RunningServer) -> Non
     client.close()
 
 
+class _Work:
+    """A search that holds its thread until `gate` opens, and one that records its batch sizes."""
+
+    def __init__(self) -> None:
+        self.started, self.gate, self.calls = threading.Event(), threading.Event(), list[int]()
+
+    def hold(self) -> bool:
+        self.started.set()
+        return self.gate.wait()
+
+    def run(self, vectors: np.ndarray) -> list[list[str]]:
+        self.calls.append(len(vectors))
+        return [[f"q{int(v[0])}"] for v in vectors]
+
+
 def test_a_crowd_of_singles_is_answered_by_one_batch_and_errors_reach_their_caller() -> None:
     """While the search thread is busy, more than batch_from single queries with one key queue up:
     one stacked call answers them, in order; fewer run one by one; a failing call raises in its caller."""
 
     coalescer = SearchCoalescer(batch_from=4)
-    started, gate, calls = threading.Event(), threading.Event(), []
-
-    def hold() -> bool:
-        started.set()
-        return gate.wait()
-
-    def run(vectors: np.ndarray) -> list[list[str]]:
-        calls.append(len(vectors))
-        return [[f"q{int(v[0])}"] for v in vectors]
+    work = _Work()
+    started, gate, calls, hold, run = work.started, work.gate, work.calls, work.hold, work.run
 
     with ThreadPoolExecutor(12) as pool:
         blocker = pool.submit(coalescer.run_alone, hold)
@@ -81,15 +89,8 @@ def test_two_search_threads_answer_side_by_side_and_still_batch_crowds() -> None
     """With threads=2 a search that holds one thread does not hold up the others' queries; a crowd
     of one key behind a busy pool is still answered by one stacked call."""
     coalescer = SearchCoalescer(batch_from=2, threads=2)
-    started, gate, calls = threading.Event(), threading.Event(), []
-
-    def hold() -> bool:
-        started.set()
-        return gate.wait()
-
-    def run(vectors: np.ndarray) -> list[list[str]]:
-        calls.append(len(vectors))
-        return [[f"q{int(v[0])}"] for v in vectors]
+    work = _Work()
+    started, gate, calls, hold, run = work.started, work.gate, work.calls, work.hold, work.run
 
     with ThreadPoolExecutor(8) as pool:
         blocker = pool.submit(coalescer.run_alone, hold)
