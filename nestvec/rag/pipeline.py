@@ -127,19 +127,22 @@ class RAG:
         encoder = self.store_encoder() if self.search.get("mode") != "lexical" else None
         if encoder is None:
             return None
+        return np.stack([self._embed_alone(query, encoder) for query in queries])
+
+    def _embed_alone(self, query: str, encoder: Encoder) -> np.ndarray:
+        """One query's vector; the store encoder's are kept (the speculator and the store check
+        embed the same step queries)."""
+        if encoder is not self.store_encoder():
+            return encoder.encode(query, kind="query")
         if len(self._alone) > 4096:  # one answer's queries are a few dozen; keep the memo bounded
             self._alone.clear()
-        for query in queries:
-            if query not in self._alone:
-                self._alone[query] = encoder.encode(query, kind="query")
-        return np.stack([self._alone[query] for query in queries])
+        if query not in self._alone:
+            self._alone[query] = encoder.encode(query, kind="query")
+        return self._alone[query]
 
     def _cache_speculator(self, cache: PassageCache, encoder: Encoder) -> Speculator:
         def guess(query: str) -> list[Passage]:
-            if not len(cache):
-                return []
-            alone = self._embedded_alone([query]) if encoder is self.store_encoder() else None
-            return cache.top_k(alone[0] if alone is not None else encoder.encode(query, kind="query"), self.k)
+            return cache.top_k(self._embed_alone(query, encoder), self.k) if len(cache) else []
         return guess
 
     def retrieve(self, question: str) -> list[Passage]:

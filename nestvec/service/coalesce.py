@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from nestvec.errors import invalid
 from nestvec.types import Hit
 
 BATCH_FROM = 16  # SpannIndex answers up to SMALL_BATCH (16) queries one by one anyway
@@ -44,13 +45,17 @@ class _Job:
         return self.result
 
 
+def check_search_threads(threads: int) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise invalid("search_threads", f"must be a positive integer, got {threads!r}")
+    return threads
+
+
 class SearchCoalescer:
     def __init__(self, batch_from: int = BATCH_FROM, on_start: Callable[[], None] | None = None,
                  threads: int = 1) -> None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer, got {threads!r}")
         self.batch_from = batch_from
-        self.threads = threads
+        self.threads = check_search_threads(threads)
         self._on_start = on_start  # e.g. one OpenMP thread for faiss calls made on the search thread
         self._ready = threading.Condition()
         self._pending: list[_Job] = []

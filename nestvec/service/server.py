@@ -24,7 +24,7 @@ from nestvec.checks import check_nprobe
 from nestvec.encoders import BUNDLED_MODEL
 from nestvec.errors import NestvecError, ResourceExhaustedError, invalid
 from nestvec.index.fusion import check_fusion
-from nestvec.service.coalesce import SearchCoalescer
+from nestvec.service.coalesce import SearchCoalescer, check_search_threads
 from nestvec.service.interceptors import AuthInterceptor, MethodStats, ParseInterceptor, StatsInterceptor
 from nestvec.types import Hit
 from nestvec.wire import convert
@@ -306,6 +306,8 @@ def serve(data: Path, *, port: int, host: str = "0.0.0.0", grace_s: float = 30.0
     on disk (see Catalog)."""
     import faiss
     from threadpoolctl import threadpool_limits
+
+    check_search_threads(kwargs.get("search_threads", 1))  # before any collection is opened
 
     # Concurrency comes from the request threads; OpenMP or BLAS threads per search would
     # oversubscribe the cores (OpenBLAS called from 8 threads at once, each with its own pool,
