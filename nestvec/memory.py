@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,42 @@ def madvise(address: int, length: int, advice: int) -> None:
     if _madvise is not None and length > 0:
         start = address - address % mmap.PAGESIZE
         _madvise(start, address + length - start, advice)
+
+
+class StorageReads:
+    """Whether this process has read from storage lately, so that page hints (madvise WILLNEED)
+    are sent only when they can pay: a hint is a system call per posting list, 0.15 ms of a
+    1.2 ms SPANN query on 100k cached vectors, and buys nothing when the pages are in memory.
+    /proc/self/io's read_bytes counts the reads that faults and the hints' own readahead start,
+    so under a memory cap it keeps rising and hinting stays on; it is checked once a window.
+    Where the file cannot be read, hinting is always on."""
+
+    def __init__(self, window_s: float = 1.0, source: str = "/proc/self/io") -> None:
+        self.window_s, self.source = window_s, source
+        self._bytes = self._read_bytes()
+        self._lately = True  # a fresh process has not proven its pages cached
+        self._next_check = time.monotonic() + window_s
+
+    def _read_bytes(self) -> int | None:
+        try:
+            with open(self.source, encoding="ascii") as fh:
+                for line in fh:
+                    if line.startswith("read_bytes:"):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def lately(self) -> bool:
+        now = time.monotonic()
+        if now >= self._next_check:
+            current = self._read_bytes()
+            self._lately = current is None or self._bytes is None or current > self._bytes
+            self._bytes, self._next_check = current, now + self.window_s
+        return self._lately
+
+
+storage_reads = StorageReads()
 
 
 def trim_heap() -> None:

@@ -100,3 +100,43 @@ def test_bulk_writes_release_the_pages_they_mapped_and_keep_the_data(
     assert pages.releases >= 1 and _rss_file_mb() < before - 30
     got = col.get([f"d{i}" for i in range(0, 2000, 97)])
     assert all(r is not None and r.text == text for r in got)
+
+
+def test_page_hints_are_sent_only_while_storage_is_being_read(tmp_path: Path) -> None:
+    """StorageReads turns hinting off after a window without storage reads and back on when
+    read_bytes rises again; where the counter cannot be read, it always hints."""
+    from nestvec.memory import StorageReads
+
+    io = tmp_path / "io"
+    io.write_text("rchar: 10\nread_bytes: 4096\nwrite_bytes: 0\n")
+    assert StorageReads(window_s=60.0, source=str(io)).lately()  # within its first window, a process hints
+    reads = StorageReads(window_s=0.0, source=str(io))
+    assert not reads.lately()                   # no storage reads since the last look
+    io.write_text("rchar: 10\nread_bytes: 8192\nwrite_bytes: 0\n")
+    assert reads.lately() and not reads.lately()
+    assert StorageReads(window_s=0.0, source=str(tmp_path / "missing")).lately()
+    blind = StorageReads(window_s=0.0, source=str(tmp_path / "missing"))
+    blind.lately()
+    assert blind.lately()
+
+
+def test_posting_reads_are_the_same_with_and_without_page_hints(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmdb
+
+    import nestvec.index.postings as postings
+
+    env = lmdb.open(str(tmp_path / "p.lmdb"), map_size=1 << 26, max_dbs=8)
+    store = postings.PostingStore(env)
+    rng = np.random.default_rng(0)
+    lists = {lid: (np.arange(lid * 100, lid * 100 + 30 + lid), rng.integers(0, 256, (30 + lid, 16), dtype=np.uint8))
+             for lid in range(6)}
+    store.write(lists)
+    for hint in (True, False, True):
+        monkeypatch.setattr(postings.storage_reads, "lately", lambda hint=hint: hint)
+        with env.begin(buffers=True) as txn:
+            got = store.read(txn, [4, 9, 0, 2], 16)  # 9 does not exist
+            assert [g[0] for g in got] == [4, 0, 2]
+            for lid, ids, codes in got:
+                assert np.array_equal(ids, lists[lid][0]) and np.array_equal(codes, lists[lid][1])
+    assert store._where  # the hinted reads remembered where the lists sat

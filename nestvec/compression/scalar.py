@@ -48,6 +48,9 @@ class FloatQuantizer:
             return faiss.IndexFlatIP(self.dim)
         return faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
 
+    def faiss_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return queries, np.zeros(len(queries), dtype=np.float32)
+
     def state(self) -> tuple[Config, Arrays]:
         return {}, {}
 
@@ -102,6 +105,9 @@ class Float8Quantizer:
     def faiss_index(self) -> Any:
         return None  # faiss has no float8 scalar quantizer
 
+    def faiss_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return queries, np.zeros(len(queries), dtype=np.float32)
+
     def state(self) -> tuple[Config, Arrays]:
         return {"scale": self.scale}, {}
 
@@ -150,12 +156,20 @@ class Int8Quantizer:
         return lambda codes: codes.astype(np.float32) @ scaled + shift
 
     def faiss_index(self) -> Any:
-        """faiss's QT_8bit decodes vmin + (c + 0.5) * vdiff / 255: shift vmin by half a step to match ours."""
-        index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-        trained = np.concatenate([self.low - 0.5 * self.step, 255.0 * self.step]).astype(np.float32)
-        faiss.copy_array_to_vector(trained, index.sq.trained)
+        """faiss's QT_8bit_uniform with range [0, 255] reads a code c as c + 0.5, so it scores the
+        raw codes against step-scaled queries (see faiss_queries): 0.26 ms for 12,000 codes of 384
+        dims against 0.38 ms for QT_8bit, which decodes each component with its own range.
+        (QT_8bit_direct would be faster still, but faiss 1.15.1's AVX512 scan of it returns zeros
+        from 32 dimensions up.)"""
+        index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit_uniform, faiss.METRIC_INNER_PRODUCT)
+        faiss.copy_array_to_vector(np.array([0.0, 255.0], dtype=np.float32), index.sq.trained)
         index.is_trained = True
         return index
+
+    def faiss_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """q.(low + step * c) = q.low + (q * step).(c + 0.5) - (q * step).0.5"""
+        scaled = np.ascontiguousarray(queries * self.step, dtype=np.float32)
+        return scaled, (queries @ self.low - 0.5 * scaled.sum(axis=1)).astype(np.float32)
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {"low": self.low, "step": self.step}
@@ -204,6 +218,9 @@ class BinaryQuantizer:
 
     def faiss_index(self) -> Any:
         return None  # faiss scans bits by Hamming distance; ours is an asymmetric float score
+
+    def faiss_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return queries, np.zeros(len(queries), dtype=np.float32)
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {"alpha": self.alpha}

@@ -98,6 +98,8 @@ class FlatIndex:
     def _search_faiss(self, index: Any, queries: np.ndarray, k: int,
                       mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         prepared, offset = self.codec.prepare_queries(queries)
+        prepared, shift = self.codec.quantizer.faiss_queries(prepared)
+        offset = offset + shift
         params = None
         if not mask.all():
             bits = np.packbits(mask, bitorder="little")

@@ -14,7 +14,7 @@ import lmdb
 import numpy as np
 
 from nestvec.index.store import StoreEnv
-from nestvec.memory import CAN_MADVISE, MADV_WILLNEED, madvise, mapped_file
+from nestvec.memory import CAN_MADVISE, MADV_WILLNEED, madvise, mapped_file, storage_reads
 
 _HEADER = struct.Struct("<I")
 
@@ -116,23 +116,32 @@ class PostingStore:
     def read(self, txn: lmdb.Transaction, list_ids: Iterable[int],
              code_size: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
         list_ids = [int(list_id) for list_id in list_ids]
-        if CAN_MADVISE:
-            # Every time, though the pages are mostly cached: skipping lists hinted in the last
-            # second saved 0.1 ms a query warm but tripled the latency under a memory cap, where
-            # pages are evicted within that second and then fault in one by one.
-            for list_id in list_ids:
-                hint = self._where.get(list_id)
-                if hint is not None:
-                    madvise(*hint, MADV_WILLNEED)
+        if CAN_MADVISE and storage_reads.lately():
+            return self._read_hinted(txn, list_ids, code_size)
+        found = []
+        for list_id in list_ids:
+            blob = txn.get(list_key(list_id), db=self.db)
+            if blob is not None:
+                found.append((list_id, *unpack_list(blob, code_size)))
+        return found
+
+    def _read_hinted(self, txn: lmdb.Transaction, list_ids: list[int],
+                     code_size: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+        """Every list's pages hinted before any is touched, so the reads are issued together."""
+        # Where the lists sat when last read, hinted before LMDB's own lookups fault pages one by
+        # one. While storage is being read, every list is hinted every time: skipping lists hinted
+        # in the last second tripled the latency under a memory cap, where pages are evicted within it.
+        for list_id in list_ids:
+            hint = self._where.get(list_id)
+            if hint is not None:
+                madvise(*hint, MADV_WILLNEED)
         found = []
         for list_id in list_ids:
             blob = txn.get(list_key(list_id), db=self.db)
             if blob is None:
                 continue
             raw = np.frombuffer(blob, dtype=np.uint8)
-            if CAN_MADVISE and isinstance(blob, memoryview) and len(raw):  # a map address
-                # Hint every list's pages before any is touched (one read per list, issued
-                # together); skip lists hinted above at the same place.
+            if isinstance(blob, memoryview) and len(raw):  # a map address: skip lists hinted above there
                 address, hint = raw.__array_interface__["data"][0], self._where.get(list_id)
                 if hint is None or hint[0] != address or hint[1] != len(raw):
                     madvise(address, len(raw), MADV_WILLNEED)
