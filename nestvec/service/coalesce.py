@@ -1,13 +1,18 @@
-"""All searches run on one thread, in arrival order; a crowd of single queries with the same
-settings is answered by one search_batch.
+"""Searches run one at a time (or `threads` at a time), in arrival order, on the request threads
+themselves; a crowd of single queries with the same settings is answered by one search_batch.
 
 A search is mostly short numpy and LMDB calls that hold the GIL; on 2 cores, two of them at once
 only hand the GIL back and forth (measured with 8 clients on a 100k SPANN collection: p99 30 ms
-with two searches at a time, 23 ms with one). So one thread runs them, first come first served,
-and each single query is answered as soon as its own search is done: a turn that held five
-queries and answered them together made the first wait for all five. Only when more than
-`batch_from` queries with the same key are waiting does a stacked search_batch pay (the index
-reads and scores each posting list once for all of them), and then they are answered together.
+with two searches at a time, 23 ms with one). So searches take turns, first come first served.
+
+No thread is kept for them: the request thread that finds no search running leads, runs its own
+search and passes the lead to the oldest waiting request, whose thread runs next. At 200 searches
+a second most requests find the turn free and run at once, with no hand-off to another thread (a
+wake-up that waits for a core when both are busy); only requests that queue pay one. A leader
+stops after its own search, so no request waits for the searches queued behind it. Only when
+more than `batch_from` queries with the same key are waiting does a stacked search_batch pay
+(the index reads and scores each posting list once for all of them), and then they are
+answered together.
 """
 
 from __future__ import annotations
@@ -30,16 +35,17 @@ class _Job:
     key: Hashable
     work: Callable[[Any], Any]  # run(stacked vectors) for a query, or a plain call for run_alone
     vector: np.ndarray | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    wake: threading.Event = field(default_factory=threading.Event)  # finished, or asked to lead
+    finished: bool = False
+    promoted: bool = False  # its thread is to lead next
     result: Any = None
     error: BaseException | None = None
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        self.result, self.error = result, error
-        self.done.set()
+        self.result, self.error, self.finished = result, error, True
+        self.wake.set()
 
     def outcome(self) -> Any:
-        self.done.wait()
         if self.error is not None:
             raise self.error
         return self.result
@@ -56,10 +62,11 @@ class SearchCoalescer:
                  threads: int = 1) -> None:
         self.batch_from = batch_from
         self.threads = check_search_threads(threads)
-        self._on_start = on_start  # e.g. one OpenMP thread for faiss calls made on the search thread
-        self._ready = threading.Condition()
+        self._on_start = on_start  # e.g. one OpenMP thread for faiss calls, once per leading thread
+        self._started = threading.local()
+        self._lock = threading.Lock()
         self._pending: list[_Job] = []
-        self._workers: list[threading.Thread] = []
+        self._leaders = 0  # threads running searches now, at most `threads`
 
     def search(self, key: Hashable, vector: np.ndarray,
                run: Callable[[np.ndarray], list[list[Hit]]]) -> list[Hit]:
@@ -69,33 +76,54 @@ class SearchCoalescer:
         return hits
 
     def run_alone(self, call: Callable[[], Any]) -> Any:
-        """A search that is not coalesced (a client's own batch) still takes its turn on the thread."""
+        """A search that is not coalesced (a client's own batch) still takes its turn."""
         return self._submit(_Job(None, lambda _: call()))
 
     def _submit(self, job: _Job) -> Any:
-        with self._ready:
-            if not self._workers:
-                self._workers = [threading.Thread(target=self._loop, name=f"nestvec-search-{i}", daemon=True)
-                                 for i in range(self.threads)]
-                for worker in self._workers:
-                    worker.start()
+        with self._lock:
             self._pending.append(job)
-            self._ready.notify()
+            lead = self._leaders < self.threads
+            self._leaders += int(lead)
+        while not lead:
+            job.wake.wait()
+            job.wake.clear()
+            lead = job.promoted  # asked to lead (its own search may be done by then, or not)
+            if job.finished and not lead:
+                break
+        if lead:
+            self._lead(job)
         return job.outcome()
 
-    def _loop(self) -> None:
-        if self._on_start is not None:
+    def _lead(self, mine: _Job) -> None:
+        """Run turns until this thread's own job is finished, then pass the lead on."""
+        if self._on_start is not None and not getattr(self._started, "done", False):
+            self._started.done = True
             self._on_start()
-        while True:
-            with self._ready:
-                while not self._pending:
-                    self._ready.wait()
-                jobs = self._take()
-            self._run_turn(jobs)
+        try:
+            while not mine.finished:
+                with self._lock:
+                    jobs = self._take() if self._pending else []
+                if not jobs:  # another leader holds this job (threads > 1): wait for it
+                    while not mine.finished:
+                        mine.wake.wait()
+                        mine.wake.clear()
+                    break
+                left = self._run_turn(jobs, mine)
+                if left:
+                    with self._lock:
+                        self._pending[:0] = left
+        finally:
+            with self._lock:
+                waiting = next((j for j in self._pending if not j.promoted), None)
+                if waiting is None:
+                    self._leaders -= 1
+                else:
+                    waiting.promoted = True
+                    waiting.wake.set()
 
     def _take(self) -> list[_Job]:
-        """One thread takes every waiting job; with more threads, each takes the oldest job, or
-        the oldest job's whole crowd when it is large enough to batch, so the others stay free."""
+        """One leader at a time takes every waiting job; with more, each takes the oldest job,
+        or the oldest job's whole crowd when it is large enough to batch, so the others stay free."""
         if self.threads == 1:
             jobs, self._pending = self._pending, []
             return jobs
@@ -107,25 +135,28 @@ class SearchCoalescer:
             return crowd
         return [self._pending.pop(0)]
 
-    def _run_turn(self, jobs: list[_Job]) -> None:
-        """Arrival order; a key with more than batch_from queries waiting runs as one batch."""
+    def _run_turn(self, jobs: list[_Job], mine: _Job) -> list[_Job]:
+        """Arrival order; a key with more than batch_from queries waiting runs as one batch. Stops
+        once `mine` is finished and returns the jobs it did not run."""
         crowds: dict[Hashable, list[_Job]] = {}
         for job in jobs:
             if job.vector is not None:
                 crowds.setdefault(job.key, []).append(job)
-        started: set[Hashable] = set()
-        for job in jobs:
+        for at, job in enumerate(jobs):
+            if mine.finished:
+                return [j for j in jobs[at:] if not j.finished]
+            if job.finished:  # ran with its crowd
+                continue
             crowd = crowds.get(job.key, []) if job.vector is not None else []
             if len(crowd) > self.batch_from:
-                if job.key not in started:
-                    started.add(job.key)
-                    self._run_together(crowd)
+                self._run_together(crowd)
                 continue
             try:
                 result = job.work(job.vector[None] if job.vector is not None else None)
                 job.finish(result[0] if job.vector is not None else result)
             except BaseException as err:  # the caller's thread re-raises it
                 job.finish(error=err)
+        return []
 
     @staticmethod
     def _run_together(crowd: list[_Job]) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from nestvec.errors import InvalidArgumentError
 from nestvec.service.coalesce import SearchCoalescer
+from nestvec.types import Hit
 from realdata import DATA
 from servers import RunningServer
 
@@ -111,3 +112,59 @@ def test_two_search_threads_answer_side_by_side_and_still_batch_crowds() -> None
     assert calls == [1, 4]
     with pytest.raises(ValueError, match="threads"):
         SearchCoalescer(threads=0)
+
+
+def test_a_free_turn_runs_on_the_callers_thread_and_the_lead_passes_in_arrival_order() -> None:
+    """No hand-off when no search is running; queued requests run oldest first, each on its own
+    thread once led there, and the lead count returns to zero."""
+    coalescer = SearchCoalescer(batch_from=16)
+    work = _Work()
+    ran_on: list[tuple[int, str]] = []
+
+    def run(vectors: np.ndarray) -> list[list[str]]:
+        ran_on.append((int(vectors[0][0]), threading.current_thread().name))
+        return [["ok"] for _ in vectors]
+
+    assert coalescer.search("k", np.array([0], np.float32), run) == ["ok"]
+    assert ran_on == [(0, threading.current_thread().name)]
+    asked_on: dict[int, str] = {}
+
+    def ask(i: int) -> list[Hit]:
+        asked_on[i] = threading.current_thread().name
+        return coalescer.search("k", np.array([i], np.float32), run)
+
+    with ThreadPoolExecutor(6) as pool:
+        blocker = pool.submit(coalescer.run_alone, work.hold)
+        assert work.started.wait(5)
+        waiting = []
+        for i in range(1, 5):  # queued one by one, so their arrival order is known
+            waiting.append(pool.submit(ask, i))
+            deadline = time.time() + 5
+            while len(coalescer._pending) < i and time.time() < deadline:
+                time.sleep(0.005)
+        work.gate.set()
+        assert blocker.result(5) and all(f.result(5) == ["ok"] for f in waiting)
+    assert [i for i, _ in ran_on[1:]] == [1, 2, 3, 4]
+    assert all(name == asked_on[i] for i, name in ran_on[1:])
+    assert coalescer._leaders == 0 and not coalescer._pending
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_many_callers_each_get_their_own_answer_and_no_lead_is_lost(threads: int) -> None:
+    coalescer = SearchCoalescer(batch_from=3, threads=threads)
+    rng = np.random.default_rng(threads)
+    delays = rng.random(400) * 0.002
+
+    def run(vectors: np.ndarray) -> list[list[str]]:
+        time.sleep(float(delays[int(vectors[0][0])]))
+        return [[f"q{int(v[0])}"] for v in vectors]
+
+    def one(i: int) -> list[str]:
+        if i % 50 == 7:
+            return [str(coalescer.run_alone(lambda: i * 2))]
+        return coalescer.search(f"key{i % 3}", np.array([i], np.float32), run)  # type: ignore[return-value]
+
+    with ThreadPoolExecutor(24) as pool:
+        got = list(pool.map(one, range(400)))
+    assert got == [[str(i * 2)] if i % 50 == 7 else [f"q{i}"] for i in range(400)]
+    assert coalescer._leaders == 0 and not coalescer._pending
