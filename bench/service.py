@@ -4,9 +4,11 @@ A server runs as its own process (`nestvec serve`); it holds one collection buil
 100,000 wiki250k passages and their shipped MiniLM embeddings, sent by the client through
 UpsertStream (client vectors) with the default codec. Then: server-side encoding throughput
 (texts only), and 1 / 8 / 32 concurrent client processes searching with the 1,000 real query
-embeddings: QPS, p50 / p99 latency, recall@10 against exact search. Writes JSON and a PNG.
+embeddings: QPS, p50 / p99 latency, recall@10 against exact search, and the server's own CPU
+time per search. Writes JSON and a PNG.
 
-    python bench/service.py [--docs 100000] [--clients 1,8,32] [--seconds 10] [--out bench/results]
+    python bench/service.py [--docs 100000] [--clients 1,8,32] [--open-loop 8@200,8@400]
+        [--seconds 10] [--server-cpus 0] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -46,15 +48,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(data: Path, port: int, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    """`nestvec serve` in its own process (`extra`: more serve flags); returns once the health
-    service answers SERVING."""
+def start_server(data: Path, port: int, extra: Sequence[str] = (),
+                 cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+    """`nestvec serve` in its own process (`extra`: more serve flags; `cpus`: the only CPUs its
+    threads may run on, as taskset would); returns once the health service answers SERVING."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    pin = None if cpus is None else lambda: os.sched_setaffinity(0, cpus)
     proc = subprocess.Popen([sys.executable, "-m", "nestvec.cli", "--data", str(data), "serve", "--host",
                              "127.0.0.1", "--port", str(port), "--api-key", API_KEY, *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=pin)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.time() + 120
@@ -80,7 +84,7 @@ def load_passages(n: int) -> tuple[list[str], list[str]]:
 
 
 def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, rate: float, ready: Any,
-                  done: Any, out: Any, nprobe: int = 0) -> None:
+                  done: Any, out: Any, nprobe: int = 0, cpus: set[int] | None = None) -> None:
     """One client process. rate 0: search back to back (closed loop). rate > 0: Poisson arrivals at
     `rate` searches/s, each timed from its scheduled arrival, so queueing counts (no coordinated
     omission).
@@ -88,6 +92,8 @@ def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, ra
     The load generator must not time its own pauses: its garbage collector is frozen and off while
     it measures (all eight clients reached a full collection at the same request count, ~1 s in,
     and starved the 2 cores for 20 ms), and no client sends its results until all have finished."""
+    if cpus is not None:  # before gRPC starts its threads, so they inherit it
+        os.sched_setaffinity(0, cpus)
     from nestvec.client.remote import RemoteClient
 
     client = RemoteClient(url, api_key=API_KEY)
@@ -120,13 +126,20 @@ def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, ra
     out.put((latencies, results, late))
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process (all its threads) has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float, rate: float = 0.0,
-                    nprobe: int = 0) -> dict[str, Any]:
-    """`clients` processes; `rate` is the total offered searches/s (0 = as fast as they can)."""
+                    nprobe: int = 0, cpus: set[int] | None = None) -> dict[str, Any]:
+    """`clients` processes (on `cpus` only, when given); `rate` is the total offered searches/s
+    (0 = as fast as they can)."""
     ctx = mp.get_context("spawn")
     out, ready, done = ctx.Queue(), ctx.Barrier(clients), ctx.Barrier(clients)
     procs = [ctx.Process(target=search_worker,
-                         args=(url, queries, seconds, c * 97, rate / clients, ready, done, out, nprobe))
+                         args=(url, queries, seconds, c * 97, rate / clients, ready, done, out, nprobe, cpus))
              for c in range(clients)]
     for proc in procs:
         proc.start()
@@ -187,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the collection's index (auto: SPANN from 20,000 vectors)")
     parser.add_argument("--nprobe", type=int, default=0, help="SPANN lists per query (0 = index default)")
     parser.add_argument("--search-threads", type=int, default=None, help="the server's (default: serve's own)")
+    parser.add_argument("--server-cpus", default="",
+                        help="pin the server to these CPUs (e.g. 0) and the clients to the others, as taskset "
+                             "would: the load generator then does not take the server's core")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args(argv)
 
@@ -199,10 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     ids, texts = load_passages(args.docs + args.encode_docs)
     exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
 
+    server_cpus = {int(c) for c in args.server_cpus.split(",") if c} or None
+    client_cpus = (set(os.sched_getaffinity(0)) - server_cpus) or None if server_cpus else None
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
         server = start_server(Path(data), port, [] if args.search_threads is None
-                              else ["--search-threads", str(args.search_threads)])
+                              else ["--search-threads", str(args.search_threads)], server_cpus)
         url = f"grpc://127.0.0.1:{port}"
         try:
             client = RemoteClient(url, api_key=API_KEY)
@@ -237,12 +255,14 @@ def main(argv: list[str] | None = None) -> None:
                 (int(c), float(r)) for c, r in (lvl.split("@") for lvl in args.open_loop.split(",") if lvl)]
             for clients, rate in levels:
                 time.sleep(args.settle)  # the previous level's processes are gone and the machine is idle
-                row = run_concurrency(url, queries, clients, args.seconds, rate, args.nprobe)
+                server_cpu = process_cpu_s(server.pid)
+                row = run_concurrency(url, queries, clients, args.seconds, rate, args.nprobe, client_cpus)
+                row["server_cpu_ms_per_search"] = (process_cpu_s(server.pid) - server_cpu) * 1000 / row["searches"]
                 row["recall@10"] = recall_at_10(row.pop("results"), ids[: args.docs], exact)
                 rows.append(row)
                 print(f"{clients:>3} clients, {row['mode']:<24}: {row['qps']:7.1f} searches/s  "
-                      f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  recall@10 {row['recall@10']:.4f}",
-                      flush=True)
+                      f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  recall@10 {row['recall@10']:.4f}  "
+                      f"server CPU {row['server_cpu_ms_per_search']:.2f} ms/search", flush=True)
             stats = client.stats()
             client.close()
         finally:
@@ -256,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
                      "index": info["index"], "nprobe": args.nprobe or None,
                      "cpus": os.cpu_count(), "seconds_per_level": args.seconds, "settle_s": args.settle, "k": 10,
                      "clients": "separate processes, one channel each, searches back to back",
-                     "server": "nestvec serve (own process), thread pool 16"},
+                     "server": "nestvec serve (own process), thread pool 16",
+                     "server_cpus": sorted(server_cpus) if server_cpus else "any",
+                     "client_cpus": sorted(client_cpus) if client_cpus else "any"},
         "upsert_stream": {"points": args.docs, "seconds": upsert_s, "points_per_s": args.docs / upsert_s,
                           "payload_mb": payload_mb, "batch": args.batch},
         "server_encoding": {"docs": args.encode_docs, "seconds": encode_s, "docs_per_s": args.encode_docs / encode_s},
