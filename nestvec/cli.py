@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-disk-mb", type=int, default=None,
                    help="storage limit per collection: writes past it fail with RESOURCE_EXHAUSTED")
     p.add_argument("--search-threads", type=int, default=1,
-                   help="threads answering searches (default 1: on 2 cores a second one mostly trades the GIL)")
+                   help="searches run at once, each on its request's thread (default 1: on 2 cores a "
+                        "second one mostly trades the GIL)")
     p.add_argument("--ray", default=argparse.SUPPRESS, metavar="ADDRESS", help=RAY_HELP)
     p.set_defaults(func=cmd_serve)
     return parser
