@@ -177,3 +177,42 @@ def test_top_parts_returns_the_best_rows_of_the_parts(data: tuple[np.ndarray, np
     short_scores, short_rows = codec.top_parts(queries[:2], [codes[:3], codes[3:5]], 10)
     assert short_rows.shape == (2, 5) and sorted(short_rows[1].tolist()) == [0, 1, 2, 3, 4]
     assert np.allclose(short_scores[1], expected[1][short_rows[1]], atol=1e-3)
+
+
+@pytest.mark.parametrize("spec", ["fp32", "fp16", "int8", "pca192+int8"])
+def test_a_list_scan_keeps_the_best_ids_that_its_filter_lets_through(data: tuple[np.ndarray, np.ndarray],
+                                                                     spec: str) -> None:
+    """Blocks of codes with their own ids, as SPANN's posting lists: the best `wide` ids by exact
+    code score; `keep` passes only ids set in it (none past its end), `drop` removes ids set in it
+    (none past its end), and both together; bad blocks raise naming the field."""
+    from nestvec.compression.codec import IdFilter
+
+    docs, queries = data
+    codec = make_codec(spec, 384).fit(docs[:1000])
+    codes = codec.encode(docs[:1500])
+    ids = np.arange(1500, dtype=np.int64) * 3 + 1  # sparse ids, as after deletes
+    expected = codec.scores(queries[:1], codes)[0]
+    keep = np.zeros(3000, dtype=bool)  # covers ids below 3000 only: ids past it are not kept
+    keep[ids[::2][ids[::2] < 3000]] = True
+    drop = np.zeros(ids.max() - 100, dtype=bool)  # ids past its end are never dropped
+    drop[ids[:300]] = True
+    for only, passes in [(None, np.ones(1500, bool)), (IdFilter(keep=keep), (np.arange(1500) % 2 == 0) & (ids < 3000)),
+                         (IdFilter(drop=drop), np.arange(1500) >= 300),
+                         (IdFilter(keep=keep, drop=drop), (np.arange(1500) % 2 == 0) & (ids < 3000) & (np.arange(1500) >= 300))]:
+        scan = codec.list_scan(queries[:1], 25, only)
+        assert scan is not None
+        for lo, hi in [(0, 400), (400, 401), (401, 401), (401, 1500)]:
+            scan.add(ids[lo:hi], codes[lo:hi])
+        scores, found = scan.result()
+        best = np.argsort(-np.where(passes, expected, -np.inf))[:25]
+        assert sorted(found.tolist()) == sorted(ids[best].tolist())
+        assert np.allclose(scores, np.sort(expected[best])[::-1], atol=1e-3)
+    scan = codec.list_scan(queries[:1], 5)
+    assert scan is not None
+    with pytest.raises(InvalidArgumentError, match="codes"):
+        scan.add(ids[:10], codes[:10, :7])
+    few = codec.list_scan(queries[:1], 5)
+    assert few is not None
+    few.add(ids[:2], codes[:2])
+    assert few.result()[1].tolist()[2:] == [-1, -1, -1]
+    assert make_codec("fp8", 384).fit(docs[:1000]).list_scan(queries[:1], 5) is None  # numpy codecs have none

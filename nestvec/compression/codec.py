@@ -26,6 +26,65 @@ def top_columns(scores: np.ndarray, positions: np.ndarray, wide: int) -> tuple[n
     return scores, np.where(np.isfinite(scores), positions, -1)
 
 
+class IdFilter:
+    """Which ids a scan may return, as a faiss selector over id bitmaps: those set in `keep`
+    (none past its end), minus those set in `drop` (none past its end)."""
+
+    def __init__(self, keep: np.ndarray | None = None, drop: np.ndarray | None = None) -> None:
+        self._parts: list[Any] = []  # the bitmaps and inner selectors the selector points into
+        if keep is not None:
+            mask = np.asarray(keep, dtype=bool)
+            if drop is not None and len(drop):
+                mask = mask.copy()
+                shared = min(len(mask), len(drop))
+                mask[:shared] &= ~drop[:shared]
+            self.selector: Any = self._bitmap(mask)
+        elif drop is not None and len(drop):
+            self.selector = faiss.IDSelectorNot(self._bitmap(np.asarray(drop, dtype=bool)))
+        else:
+            self.selector = None
+
+    def _bitmap(self, mask: np.ndarray) -> Any:
+        bits = np.packbits(mask, bitorder="little")  # padded with zeros to whole bytes
+        selector = faiss.IDSelectorBitmap(len(bits), faiss.swig_ptr(bits))  # its size is in bytes
+        self._parts += [bits, selector]
+        return selector
+
+
+class ListScan:
+    """One query's best `wide` (score, id) over blocks of codes, each scored where it lies (a
+    posting list stays in LMDB's map, never copied) by faiss's IVF list scanner, which keeps the
+    heap as it goes: a SPANN query on 100k wiki250k vectors (int8, ~45 lists) took 0.7 ms against
+    1.26 ms when its lists were first copied into a faiss index's code buffer and scanned there."""
+
+    def __init__(self, scanner: Any, query: np.ndarray, offset: float, wide: int, code_size: int,
+                 keep_alive: Any) -> None:
+        self._scanner, self._keep_alive = scanner, keep_alive  # the scanner points into both
+        self._query = np.ascontiguousarray(query, dtype=np.float32)
+        self._offset, self._wide, self._code_size = offset, wide, code_size
+        self._scores = np.full(wide, -np.inf, dtype=np.float32)
+        self._ids = np.full(wide, -1, dtype=np.int64)
+        self._heap = (faiss.swig_ptr(self._scores), faiss.swig_ptr(self._ids))
+        scanner.set_query(faiss.swig_ptr(self._query))
+        scanner.set_list(0, 0.0)  # no residuals: scores are plain inner products
+
+    def add(self, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Score one block: codes [n, code_size] uint8 and their int64 ids, both C-contiguous."""
+        if not len(ids):
+            return
+        if (codes.dtype != np.uint8 or codes.shape != (len(ids), self._code_size) or ids.dtype != np.int64
+                or not codes.flags.c_contiguous or not ids.flags.c_contiguous):
+            raise invalid("codes", f"expected uint8 ({len(ids)}, {self._code_size}) and int64 ids, contiguous; "
+                                   f"got {codes.dtype} {codes.shape} and {ids.dtype}")
+        self._scanner.scan_codes(len(ids), faiss.swig_ptr(codes), faiss.swig_ptr(ids), *self._heap, self._wide)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) [wide], best first; -inf and -1 where fewer passed."""
+        order = np.argsort(-self._scores, kind="stable")
+        scores, ids = self._scores[order], self._ids[order]
+        return scores + np.float32(self._offset), np.where(np.isfinite(scores), ids, -1)
+
+
 def _best_first(scores: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rows sorted by descending score (a heap or a partition leaves them in no order)."""
     order = np.argsort(-scores, axis=1, kind="stable")
@@ -39,7 +98,7 @@ class Codec:
                  rescore: Codec | None = None) -> None:
         self.spec, self.dim = spec, dim
         self.transform, self.quantizer, self.rescore = transform, quantizer, rescore
-        self._scratch = threading.local()  # per thread: a faiss index and scanner for posting lists
+        self._scratch = threading.local()  # per thread: a faiss index whose ranges list scans read
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -147,45 +206,48 @@ class Codec:
                   keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Best `wide` (scores, positions) [nq, <= wide] over the rows of `parts` taken in order,
         only rows where `keep` is True; positions index their concatenation, -1 where fewer pass.
-        Best first in each row (the planner ranks by it).
-
-        When faiss reads our codes (int8, fp16, fp32), its IVF list scanner scores each part where
-        it lies (a posting list stays in LMDB's map, never copied) and keeps the top `wide` in a
-        heap as it goes: a SPANN query on 100k wiki250k vectors (int8, ~45 lists) took 0.74 ms
-        against 1.26 ms when the lists were first copied into a faiss index's code buffer. Other
-        codecs score with numpy."""
+        Best first in each row (the planner ranks by it). Through list_scan where faiss reads our
+        codes, numpy otherwise."""
         total = sum(len(part) for part in parts)
         if not total:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
-        index = self._scan_index()
-        if index is None:
+        heap = min(wide, total)
+        positions = np.arange(total, dtype=np.int64)
+        if self._scan_index() is None:
             scores = self.scores_parts(queries, parts)
             if keep is not None:
                 scores[:, ~keep] = -np.inf
-            return _best_first(*top_columns(scores, np.broadcast_to(np.arange(total), scores.shape), wide))
-        prepared, offset = self.prepare_queries(queries)
-        prepared, shift = self.quantizer.faiss_queries(prepared)
-        offset = offset + shift
-        parts = [np.ascontiguousarray(self._check_codes(part)) for part in parts]
-        positions = np.arange(total, dtype=np.int64)
-        bits = None if keep is None else np.packbits(np.asarray(keep, dtype=bool), bitorder="little")
-        selector = None if bits is None else faiss.IDSelectorBitmap(total, faiss.swig_ptr(bits))
-        scanner = self._scanner(index, selector)
-        heap = min(wide, total)
-        scores = np.full((len(queries), heap), -np.inf, dtype=np.float32)
-        found = np.full((len(queries), heap), -1, dtype=np.int64)
-        for qi, query in enumerate(np.ascontiguousarray(prepared, dtype=np.float32)):
-            scanner.set_query(faiss.swig_ptr(query))
-            scanner.set_list(0, 0.0)  # no residuals: scores are plain inner products
-            row_scores, row_found = faiss.swig_ptr(scores[qi]), faiss.swig_ptr(found[qi])
+            return _best_first(*top_columns(scores, np.broadcast_to(positions, scores.shape), wide))
+        only = None if keep is None else IdFilter(keep=np.asarray(keep, dtype=bool))
+        out_scores = np.full((len(queries), heap), -np.inf, dtype=np.float32)
+        out_rows = np.full((len(queries), heap), -1, dtype=np.int64)
+        for qi in range(len(queries)):
+            scan = self.list_scan(queries[qi:qi + 1], heap, only)
+            assert scan is not None
             at = 0
             for part in parts:
-                if len(part):
-                    scanner.scan_codes(len(part), faiss.swig_ptr(part), faiss.swig_ptr(positions[at:]),
-                                       row_scores, row_found, heap)
+                scan.add(positions[at:at + len(part)], part)
                 at += len(part)
-        del selector, bits  # the scanner held pointers into both until here
-        return _best_first(scores + offset[:, None], np.where(np.isfinite(scores), found, -1))
+            out_scores[qi], out_rows[qi] = scan.result()
+        return out_scores, out_rows
+
+    def list_scan(self, query: np.ndarray, wide: int, only: IdFilter | None = None) -> ListScan | None:
+        """A running top-`wide` for one query [1, dim] over blocks of codes added one by one (a
+        SPANN query's posting lists), or None when faiss cannot read these codes."""
+        index = self._scan_index()
+        if index is None:
+            return None
+        prepared, offset = self.prepare_queries(query)
+        prepared, shift = self.quantizer.faiss_queries(prepared)
+        selector = None if only is None else only.selector
+        if isinstance(index, faiss.IndexScalarQuantizer):
+            sq: Any = index.sq  # faiss's stubs lack the scanner factory its SWIG module has
+            scanner = sq.select_InvertedListScanner(faiss.METRIC_INNER_PRODUCT, None, False, selector, False)
+        else:  # fp32: IndexIVFFlat's scanner reads float32 rows; its IVF is only the factory
+            ivf = faiss.IndexIVFFlat(index, index.d, 1, faiss.METRIC_INNER_PRODUCT)
+            scanner = ivf.get_InvertedListScanner(False, selector, None)
+        return ListScan(scanner, prepared[0], float(offset[0] + shift[0]), wide, self.bytes_per_vector,
+                        keep_alive=(index, only))
 
     def _scan_index(self) -> Any:
         """This thread's faiss index over our codes (None when faiss cannot read them); it owns
@@ -193,23 +255,8 @@ class Codec:
         index = getattr(self._scratch, "index", None)
         if index is None and self.fitted:
             index = self.quantizer.faiss_index()
-            self._scratch.index, self._scratch.scanner = index, None
+            self._scratch.index = index
         return index
-
-    def _scanner(self, index: Any, selector: Any) -> Any:
-        """A faiss inverted-list scanner for inner products over raw codes; the one without a
-        selector is kept per thread."""
-        if selector is None and self._scratch.scanner is not None:
-            return self._scratch.scanner
-        if isinstance(index, faiss.IndexScalarQuantizer):
-            sq: Any = index.sq  # faiss's stubs lack the scanner factory its SWIG module has
-            scanner = sq.select_InvertedListScanner(faiss.METRIC_INNER_PRODUCT, None, False, selector, False)
-        else:  # fp32: IndexIVFFlat's scanner reads float32 rows; its IVF is only the factory
-            ivf = faiss.IndexIVFFlat(index, index.d, 1, faiss.METRIC_INNER_PRODUCT)
-            scanner = ivf.get_InvertedListScanner(False, selector, None)
-        if selector is None:
-            self._scratch.scanner = scanner
-        return scanner
 
     def candidate_scores(self, queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """Scores [nq, c] of each query against its own c candidates, given as codes [nq, c, code_size]."""

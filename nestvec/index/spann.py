@@ -20,7 +20,7 @@ import lmdb
 import numpy as np
 
 from nestvec.compression import Codec
-from nestvec.compression.codec import top_columns
+from nestvec.compression.codec import IdFilter, top_columns
 from nestvec.errors import invalid
 from nestvec.fsutil import read_json, write_json
 from nestvec.index.centroids import CentroidIndex, ClusteringConfig, LazyRows, balanced_kmeans
@@ -158,6 +158,8 @@ class SpannIndex:
                  tombstones: np.ndarray | None = None) -> None:
         self.codec, self.centroids, self.postings, self.config = codec, centroids, postings, config
         self._dead = np.zeros(0, dtype=bool)
+        self._dead_version = 0  # bumped on every delete: the cached scan filter follows it
+        self._dead_filter: tuple[int, IdFilter] | None = None
         if tombstones is not None and len(tombstones):
             self._dead = _grown(self._dead, int(tombstones.max()) + 1)
             self._dead[tombstones] = True
@@ -389,6 +391,7 @@ class SpannIndex:
             if len(ids):
                 self._dead = _grown(self._dead, int(ids.max()) + 1)
                 self._dead[ids] = True
+                self._dead_version += 1
 
         return apply
 
@@ -444,14 +447,24 @@ class SpannIndex:
         wide = k * (1 + self.config.replicas)
         with self.postings.env.begin(buffers=True) as txn:
             if len(queries) <= SMALL_BATCH:  # grouping by list pays only when many queries share lists
+                only = self._id_filter(allowed)
                 for qi in range(len(queries)):
                     parts = self.postings.read(txn, lists[qi][probe[qi]], size)
-                    if parts:
+                    if not parts:
+                        continue
+                    scan = self.codec.list_scan(queries[qi:qi + 1], wide, only)
+                    if scan is None:  # codes faiss cannot read: numpy over the lists
                         ids = np.concatenate([p[1] for p in parts])
                         scores, at = self.codec.top_parts(queries[qi:qi + 1], [p[2] for p in parts], wide,
                                                           self._allowed(ids, allowed))
                         found = at[0] >= 0
                         self._take_distinct(qi, ids[at[0][found]], scores[0][found], best_scores, best_ids)
+                        continue
+                    for _, ids, codes in parts:
+                        scan.add(ids, codes)
+                    scores, ids = scan.result()
+                    found = ids >= 0
+                    self._take_distinct(qi, ids[found], scores[found], best_scores, best_ids)
                 return best_scores, best_ids
             candidates: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(len(queries))]
             q_of, list_of = np.nonzero(probe)
@@ -482,6 +495,18 @@ class SpannIndex:
         scores, top = top_columns(scores, np.broadcast_to(np.arange(len(ids)), scores.shape), wide)
         return [(ids[row_top[row_top >= 0]], row_scores[row_top >= 0])
                 for row_top, row_scores in zip(top, scores, strict=True)]
+
+    def _id_filter(self, allowed: np.ndarray | None) -> IdFilter | None:
+        """The ids a list scan may return: live and allowed. The tombstones' own filter is kept
+        until the next delete (packing 100k bits per query would cost more than the scan saves)."""
+        if allowed is not None:
+            return IdFilter(keep=allowed, drop=self._dead)
+        if not len(self._dead):
+            return None
+        cached = self._dead_filter
+        if cached is None or cached[0] != self._dead_version:
+            cached = self._dead_filter = (self._dead_version, IdFilter(drop=self._dead))
+        return cached[1]
 
     def _allowed(self, ids: np.ndarray, allowed: np.ndarray | None) -> np.ndarray | None:
         """Mask of candidates that may be returned (live, and passing the filter); None for all."""
