@@ -217,3 +217,24 @@ def test_a_build_from_a_sample_reads_bounded_chunks_and_keeps_recall(
     recall, full_recall = _recall(sampled.search(queries, 10)[1], exact), _recall(full.search(queries, 10)[1], exact)
     assert recall >= full_recall - 0.02, (recall, full_recall)
     env.close()
+
+
+def test_each_delete_reaches_single_query_scans_at_once(data: tuple[np.ndarray, np.ndarray, np.ndarray],
+                                                        tmp_path: Path) -> None:
+    """Single queries scan with a tombstone filter that is kept between deletes: every delete must
+    show in the very next search, alone and under a metadata-style allowed mask."""
+    base, queries, _ = data
+    env = lmdb.open(str(tmp_path / "p.lmdb"), map_size=1 << 28, max_dbs=8)
+    codec = make_codec("int8", 384).fit(base[:2000])
+    index = SpannIndex.build(base[:3000], np.arange(3000), codec, env, SpannConfig(posting_limit=64))
+    allowed = np.arange(3000) % 3 != 0
+    for _ in range(3):
+        _, top = index.search(queries[:1], 10)
+        _, top_allowed = index.search(queries[:1], 10, allowed=allowed)
+        assert allowed[top_allowed[0][top_allowed[0] >= 0]].all()
+        gone = np.unique(np.concatenate([top[0][:4], top_allowed[0][:4]]))
+        index.delete(gone)
+        _, after = index.search(queries[:1], 10)
+        _, after_allowed = index.search(queries[:1], 10, allowed=allowed)
+        assert not np.isin(after, gone).any() and not np.isin(after_allowed, gone).any()
+        assert (after[0] >= 0).all() and (after_allowed[0] >= 0).all()
