@@ -243,8 +243,10 @@ class Codec:
         if isinstance(index, faiss.IndexScalarQuantizer):
             sq: Any = index.sq  # faiss's stubs lack the scanner factory its SWIG module has
             scanner = sq.select_InvertedListScanner(faiss.METRIC_INNER_PRODUCT, None, False, selector, False)
-        else:  # fp32: IndexIVFFlat's scanner reads float32 rows; its IVF is only the factory
-            ivf = faiss.IndexIVFFlat(index, index.d, 1, faiss.METRIC_INNER_PRODUCT)
+        else:  # fp32: IndexIVFFlat's scanner reads float32 rows; its IVF is only the factory, kept per thread
+            ivf = getattr(self._scratch, "ivf", None)
+            if ivf is None:
+                ivf = self._scratch.ivf = faiss.IndexIVFFlat(index, index.d, 1, faiss.METRIC_INNER_PRODUCT)
             scanner = ivf.get_InvertedListScanner(False, selector, None)
         return ListScan(scanner, prepared[0], float(offset[0] + shift[0]), wide, self.bytes_per_vector,
                         keep_alive=(index, only))

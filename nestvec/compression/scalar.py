@@ -11,6 +11,12 @@ import numpy as np
 
 from nestvec.compression.base import Arrays, Config
 
+
+def queries_as_they_are(queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """faiss_queries of a quantizer whose faiss index (if any) scores float queries directly."""
+    return queries, np.zeros(len(queries), dtype=np.float32)
+
+
 FLOAT8_DTYPES = {"fp8": ml_dtypes.float8_e4m3fn, "fp8e4m3": ml_dtypes.float8_e4m3fn, "fp8e5m2": ml_dtypes.float8_e5m2}
 
 
@@ -48,8 +54,7 @@ class FloatQuantizer:
             return faiss.IndexFlatIP(self.dim)
         return faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
 
-    def faiss_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return queries, np.zeros(len(queries), dtype=np.float32)
+    faiss_queries = staticmethod(queries_as_they_are)
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {}
@@ -105,8 +110,7 @@ class Float8Quantizer:
     def faiss_index(self) -> Any:
         return None  # faiss has no float8 scalar quantizer
 
-    def faiss_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return queries, np.zeros(len(queries), dtype=np.float32)
+    faiss_queries = staticmethod(queries_as_they_are)
 
     def state(self) -> tuple[Config, Arrays]:
         return {"scale": self.scale}, {}
@@ -219,8 +223,7 @@ class BinaryQuantizer:
     def faiss_index(self) -> Any:
         return None  # faiss scans bits by Hamming distance; ours is an asymmetric float score
 
-    def faiss_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return queries, np.zeros(len(queries), dtype=np.float32)
+    faiss_queries = staticmethod(queries_as_they_are)
 
     def state(self) -> tuple[Config, Arrays]:
         return {}, {"alpha": self.alpha}
