@@ -104,15 +104,18 @@ def test_bulk_writes_release_the_pages_they_mapped_and_keep_the_data(
 
 def test_page_hints_are_sent_only_while_storage_is_being_read(tmp_path: Path) -> None:
     """StorageReads turns hinting off after a window without storage reads and back on when
-    read_bytes rises again; where the counter cannot be read, it always hints."""
+    read_bytes rises again by more than its bar (a stray page or two does not count); where the
+    counter cannot be read, it always hints."""
     from nestvec.memory import StorageReads
 
     io = tmp_path / "io"
     io.write_text("rchar: 10\nread_bytes: 4096\nwrite_bytes: 0\n")
     assert StorageReads(window_s=60.0, source=str(io)).lately()  # within its first window, a process hints
-    reads = StorageReads(window_s=0.0, source=str(io))
+    reads = StorageReads(window_s=0.0, source=str(io), min_bytes=64 << 10)
     assert not reads.lately()                   # no storage reads since the last look
     io.write_text("rchar: 10\nread_bytes: 8192\nwrite_bytes: 0\n")
+    assert not reads.lately()                   # one stray page: still cached
+    io.write_text(f"rchar: 10\nread_bytes: {8192 + (64 << 10) + 1}\nwrite_bytes: 0\n")
     assert reads.lately() and not reads.lately()
     assert StorageReads(window_s=0.0, source=str(tmp_path / "missing")).lately()
     blind = StorageReads(window_s=0.0, source=str(tmp_path / "missing"))
