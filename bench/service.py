@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from itertools import islice
@@ -84,10 +85,10 @@ def load_passages(n: int) -> tuple[list[str], list[str]]:
 
 
 def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, rate: float, ready: Any,
-                  done: Any, out: Any, nprobe: int = 0, cpus: set[int] | None = None) -> None:
+                  done: Any, out: Any, nprobe: int = 0, cpus: set[int] | None = None, warmup: float = 0.0) -> None:
     """One client process. rate 0: search back to back (closed loop). rate > 0: Poisson arrivals at
     `rate` searches/s, each timed from its scheduled arrival, so queueing counts (no coordinated
-    omission).
+    omission). The first `warmup` seconds run the same load untimed.
 
     The load generator must not time its own pauses: its garbage collector is frozen and off while
     it measures (all eight clients reached a full collection at the same request count, ~1 s in,
@@ -105,20 +106,22 @@ def search_worker(url: str, queries: np.ndarray, seconds: float, offset: int, ra
     ready.wait()  # every client starts together, after all have imported and connected
     latencies, results, late = [], [], []
     i, begin = offset, time.perf_counter()
-    stop = begin + seconds
+    timed_from, stop = begin + warmup, begin + warmup + seconds
     # Open loop: Poisson arrivals (seeded per client), so clients do not fire in lockstep bursts.
-    arrivals = begin + np.cumsum(np.random.default_rng(offset).exponential(1 / rate, int(rate * seconds * 2) + 10)) \
-        if rate else None
+    arrivals = begin + np.cumsum(np.random.default_rng(offset).exponential(
+        1 / rate, int(rate * (warmup + seconds) * 2) + 10)) if rate else None
     while True:
         start = float(arrivals[i - offset]) if arrivals is not None else time.perf_counter()
         if start >= stop:
             break
         while time.perf_counter() < start:
             time.sleep(max(0.0, start - time.perf_counter()))
-        late.append(time.perf_counter() - start)  # the client's own wake-up delay, counted in the latency
+        woke = time.perf_counter() - start  # the client's own wake-up delay, counted in the latency
         hits = col.search(queries[i % len(queries)], k=10, nprobe=nprobe or None)
-        latencies.append(time.perf_counter() - start)
-        results.append((i % len(queries), [h.id for h in hits]))
+        if start >= timed_from:
+            late.append(woke)
+            latencies.append(time.perf_counter() - start)
+            results.append((i % len(queries), [h.id for h in hits]))
         i += 1
     done.wait()
     gc.enable()
@@ -132,18 +135,54 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class HostStalls:
+    """A thread that sleeps 2 ms at a time and keeps how late it woke. The clients and the server
+    use well under the 2 cores at 200 searches/s, so a wake-up 10 ms late means the host itself
+    stalled; such a stall shows in the search tail too, and this tells the two apart."""
+
+    def __init__(self, period_s: float = 0.002) -> None:
+        self.period_s, self.late_ms = period_s, [0.0]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.perf_counter()
+            time.sleep(self.period_s)
+            self.late_ms.append((time.perf_counter() - start - self.period_s) * 1000)
+
+    def __enter__(self) -> HostStalls:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        late = np.array(self.late_ms)
+        return {"sleeper_late_max_ms": float(late.max()), "sleeper_late_over_10ms": int((late > 10).sum())}
+
+
 def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float, rate: float = 0.0,
-                    nprobe: int = 0, cpus: set[int] | None = None) -> dict[str, Any]:
+                    nprobe: int = 0, cpus: set[int] | None = None, warmup: float = 0.0,
+                    server_pid: int | None = None) -> dict[str, Any]:
     """`clients` processes (on `cpus` only, when given); `rate` is the total offered searches/s
-    (0 = as fast as they can)."""
+    (0 = as fast as they can), timed after `warmup` seconds of the same load; with `server_pid`,
+    the server's CPU time per search over the timed part."""
     ctx = mp.get_context("spawn")
-    out, ready, done = ctx.Queue(), ctx.Barrier(clients), ctx.Barrier(clients)
-    procs = [ctx.Process(target=search_worker,
-                         args=(url, queries, seconds, c * 97, rate / clients, ready, done, out, nprobe, cpus))
+    out, ready, done = ctx.Queue(), ctx.Barrier(clients + 1), ctx.Barrier(clients)
+    procs = [ctx.Process(target=search_worker, args=(url, queries, seconds, c * 97, rate / clients, ready, done,
+                                                     out, nprobe, cpus, warmup))
              for c in range(clients)]
     for proc in procs:
         proc.start()
-    parts = [out.get() for _ in procs]
+    ready.wait()
+    time.sleep(warmup)
+    server_cpu = process_cpu_s(server_pid) if server_pid else 0.0
+    with HostStalls() as stalls:
+        parts = [out.get() for _ in procs]
+    server_cpu = process_cpu_s(server_pid) - server_cpu if server_pid else 0.0
     for proc in procs:
         proc.join()
     latencies = np.concatenate([np.array(p[0]) for p in parts]) * 1000
@@ -154,7 +193,8 @@ def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float,
             "p99_ms": float(np.percentile(latencies, 99)), "mean_ms": float(latencies.mean()),
             "client_wake_p99_ms": float(np.percentile(np.concatenate([p[2] for p in parts]), 99) * 1000)
             if rate else None,
-            "results": results}
+            "server_cpu_ms_per_search": server_cpu * 1000 / len(latencies) if server_pid else None,
+            **stalls.summary(), "results": results}
 
 
 def recall_at_10(results: list[tuple[int, list[str]]], ids: list[str], exact: np.ndarray) -> float:
@@ -194,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--open-loop", default="8@200,8@400", help="CLIENTS@RATE levels at a fixed offered load")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each level")
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds of each level's own load run before it is timed: after the idle settle, "
+                             "the first ~0.1 s of searches took 20-48 ms (the idle processes starting up)")
     parser.add_argument("--encode-docs", type=int, default=500, help="texts sent for server-side encoding")
     parser.add_argument("--batch", type=int, default=2000, help="points per UpsertStream message")
     parser.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
@@ -255,14 +298,14 @@ def main(argv: list[str] | None = None) -> None:
                 (int(c), float(r)) for c, r in (lvl.split("@") for lvl in args.open_loop.split(",") if lvl)]
             for clients, rate in levels:
                 time.sleep(args.settle)  # the previous level's processes are gone and the machine is idle
-                server_cpu = process_cpu_s(server.pid)
-                row = run_concurrency(url, queries, clients, args.seconds, rate, args.nprobe, client_cpus)
-                row["server_cpu_ms_per_search"] = (process_cpu_s(server.pid) - server_cpu) * 1000 / row["searches"]
+                row = run_concurrency(url, queries, clients, args.seconds, rate, args.nprobe, client_cpus, args.warmup,
+                                      server.pid)
                 row["recall@10"] = recall_at_10(row.pop("results"), ids[: args.docs], exact)
                 rows.append(row)
                 print(f"{clients:>3} clients, {row['mode']:<24}: {row['qps']:7.1f} searches/s  "
                       f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  recall@10 {row['recall@10']:.4f}  "
-                      f"server CPU {row['server_cpu_ms_per_search']:.2f} ms/search", flush=True)
+                      f"server CPU {row['server_cpu_ms_per_search']:.2f} ms/search  "
+                      f"sleeper late max {row['sleeper_late_max_ms']:.1f} ms", flush=True)
             stats = client.stats()
             client.close()
         finally:
@@ -274,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         "metadata": {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "docs": args.docs,
                      "codec": info["codec"], "bytes_per_vector": info["bytes_per_vector"],
                      "index": info["index"], "nprobe": args.nprobe or None,
-                     "cpus": os.cpu_count(), "seconds_per_level": args.seconds, "settle_s": args.settle, "k": 10,
+                     "cpus": os.cpu_count(), "seconds_per_level": args.seconds, "settle_s": args.settle,
+                     "warmup_s": args.warmup, "k": 10,
                      "clients": "separate processes, one channel each, searches back to back",
                      "server": "nestvec serve (own process), thread pool 16",
                      "server_cpus": sorted(server_cpus) if server_cpus else "any",
