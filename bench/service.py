@@ -7,7 +7,7 @@ UpsertStream (client vectors) with the default codec. Then: server-side encoding
 embeddings: QPS, p50 / p99 latency, recall@10 against exact search, and the server's own CPU
 time per search. Writes JSON and a PNG.
 
-    python bench/service.py [--docs 100000] [--clients 1,8,32] [--open-loop 8@200,8@400]
+    python bench/service.py [--docs 100000] [--clients 1,8,32] [--open-loop 8@200,8@300,8@400]
         [--seconds 10] [--server-cpus 0] [--out bench/results]
 """
 
@@ -164,6 +164,19 @@ class HostStalls:
         return {"sleeper_late_max_ms": float(late.max()), "sleeper_late_over_10ms": int((late > 10).sum())}
 
 
+def host_loop_ms(rounds: int = 5) -> float:
+    """Milliseconds a fixed pure-Python loop takes, best of `rounds`: the host's speed at the time.
+    This shared VM's speed drifts (1 client, closed loop: 532 then 382 searches/s ten minutes
+    later, same code), and every level's latency moves with it."""
+    best = float("inf")
+    for _ in range(rounds):
+        start, total = time.perf_counter(), 0
+        for i in range(200_000):
+            total += i & 7
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
+
+
 def run_concurrency(url: str, queries: np.ndarray, clients: int, seconds: float, rate: float = 0.0,
                     nprobe: int = 0, cpus: set[int] | None = None, warmup: float = 0.0,
                     server_pid: int | None = None) -> dict[str, Any]:
@@ -231,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--clients", default="1,8,32", help="closed-loop levels (back-to-back searches)")
-    parser.add_argument("--open-loop", default="8@200,8@400", help="CLIENTS@RATE levels at a fixed offered load")
+    parser.add_argument("--open-loop", default="8@200,8@300,8@400", help="CLIENTS@RATE levels at a fixed offered load")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each level")
     parser.add_argument("--warmup", type=float, default=1.0,
@@ -298,14 +311,17 @@ def main(argv: list[str] | None = None) -> None:
                 (int(c), float(r)) for c, r in (lvl.split("@") for lvl in args.open_loop.split(",") if lvl)]
             for clients, rate in levels:
                 time.sleep(args.settle)  # the previous level's processes are gone and the machine is idle
+                host_ms = host_loop_ms()
                 row = run_concurrency(url, queries, clients, args.seconds, rate, args.nprobe, client_cpus, args.warmup,
                                       server.pid)
+                row["host_loop_ms"] = [host_ms, host_loop_ms()]  # before and after the level
                 row["recall@10"] = recall_at_10(row.pop("results"), ids[: args.docs], exact)
                 rows.append(row)
                 print(f"{clients:>3} clients, {row['mode']:<24}: {row['qps']:7.1f} searches/s  "
                       f"p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  recall@10 {row['recall@10']:.4f}  "
                       f"server CPU {row['server_cpu_ms_per_search']:.2f} ms/search  "
-                      f"sleeper late max {row['sleeper_late_max_ms']:.1f} ms", flush=True)
+                      f"sleeper late max {row['sleeper_late_max_ms']:.1f} ms  "
+                      f"host loop {row['host_loop_ms'][0]:.1f}/{row['host_loop_ms'][1]:.1f} ms", flush=True)
             stats = client.stats()
             client.close()
         finally:
