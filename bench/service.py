@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each level")
     parser.add_argument("--warmup", type=float, default=1.0,
                         help="seconds of each level's own load run before it is timed: after the idle settle, "
-                             "the first ~0.1 s of searches took 20-48 ms (the idle processes starting up)")
+                             "the first ~0.1 s of searches took 20-48 ms (the client processes starting together)")
     parser.add_argument("--encode-docs", type=int, default=500, help="texts sent for server-side encoding")
     parser.add_argument("--batch", type=int, default=2000, help="points per UpsertStream message")
     parser.add_argument("--index", default="auto", choices=["auto", "flat", "spann"],
