@@ -52,8 +52,7 @@ class StorageReads:
     A window counts as reading only past `min_bytes`: a served 100k collection read 4-8 KB now and
     then (a document page, a lazily imported module), and each such read turned hints on for a
     whole window, where the hinted read path cost 0.63 ms per query against 0.12 ms (in process,
-    under cProfile). A query missing its
-    cached lists reads megabytes, far above the bar."""
+    under cProfile). A query missing its cached lists reads megabytes, far above the bar."""
 
     def __init__(self, window_s: float = 1.0, source: str = "/proc/self/io", min_bytes: int = 256 << 10) -> None:
         self.window_s, self.source, self.min_bytes = window_s, source, min_bytes
